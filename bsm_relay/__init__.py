@@ -1,0 +1,1 @@
+"""bsm-relay: the mail gateway of a marketplace's buyer-seller messaging."""

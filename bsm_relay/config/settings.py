@@ -1,0 +1,199 @@
+"""Typed settings: TOML file, then environment overrides, then defaults.
+
+Every key is documented, with its default, in ``relay.example.toml`` beside this
+module.  Environment overrides use ``BSM_RELAY_<SECTION>_<KEY>`` (for example
+``BSM_RELAY_SMTP_LISTEN=0.0.0.0:25``); lists are comma-separated.
+Stdlib only: the rest of the relay imports this, never the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: str = "127.0.0.1:2525"
+    hostname: str = "mx.marketplace.example"
+    max_message_size: int = 26_214_400
+    postmaster: str = "postmaster@ops.example"
+    max_recipients: int = 100
+    max_invalid_recipients: int = 20
+    timeout: float = 300.0          # idle / per-command timeout, RFC 5321 §4.5.3.2
+
+
+@dataclass(frozen=True)
+class AliasSettings:
+    domain: str = "marketplace.example"
+    marketplace_name: str = "Marketplace"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    state_dir: str = "./var"
+    database_url: str = ""
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    mode: str = "maildir"           # maildir | smarthost
+    smarthost: str = "127.0.0.1:2600"
+    smarthost_tls: str = "opportunistic"   # opportunistic | required | off
+    smarthost_user: str = ""
+    smarthost_password: str = ""
+    maildir: str = "./var/maildir"
+    workers: int = 20
+    poll_interval: float = 1.0
+    timeout: float = 600.0          # final-dot timeout toward the downstream
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    retry_delay: int = 300          # seconds before a deferred message is tried again
+    max_lifetime: int = 432_000
+    lease: int = 600
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: str = "auto"            # auto | json | console
+    level: str = "info"
+    redact: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    aliases: AliasSettings = field(default_factory=AliasSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = "<defaults>"
+
+    # -- derived paths ---------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.storage.state_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite+aiosqlite:///{(self.state_dir / 'relay.db').resolve()}"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.smtp.listen, 25)
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    value = value.strip()
+    if value.startswith("["):  # [::1]:25
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":") or str(default_port)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, str(default_port)
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not host:port") from None
+
+
+def _section_class(name: str) -> type:
+    return {
+        "smtp": SmtpSettings, "aliases": AliasSettings, "storage": StorageSettings,
+        "delivery": DeliverySettings, "queue": QueueSettings, "logging": LoggingSettings,
+    }[name]
+
+
+def _coerce(section: str, key: str, value: Any, target: Any) -> Any:
+    kind = type(target)
+    where = f"[{section}] {key}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, not {value!r}") from None
+    if kind is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{where} must be a list")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (or ``$BSM_RELAY_CONFIG``), then the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("BSM_RELAY_CONFIG") or None
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+        source = str(path)
+    sections: dict[str, Any] = {}
+    for name in ("smtp", "aliases", "storage", "delivery", "queue", "logging"):
+        cls = _section_class(name)
+        defaults = cls()
+        given = dict(data.get(name, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in given:
+            if key not in known:
+                raise ConfigError(f"unknown key [{name}] {key} in {source}")
+        for key in known:
+            env_key = f"BSM_RELAY_{name.upper()}_{key.upper()}"
+            if env_key in env:
+                given[key] = env[env_key]
+        values = {k: _coerce(name, k, v, getattr(defaults, k)) for k, v in given.items()}
+        sections[name] = cls(**values)
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] in {source}")
+    settings = Settings(**sections, source=source)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.delivery.mode not in ("maildir", "smarthost"):
+        raise ConfigError(f"[delivery] mode must be maildir or smarthost, not {settings.delivery.mode!r}")
+    if settings.delivery.smarthost_tls not in ("opportunistic", "required", "off"):
+        raise ConfigError("[delivery] smarthost_tls must be opportunistic, required or off")
+    if settings.logging.format not in ("auto", "json", "console"):
+        raise ConfigError("[logging] format must be auto, json or console")
+    if "@" in settings.aliases.domain or not settings.aliases.domain:
+        raise ConfigError("[aliases] domain must be a bare domain name")
+    split_host_port(settings.smtp.listen, 25)
+    split_host_port(settings.delivery.smarthost, 25)
+    if settings.smtp.max_recipients < 1:
+        raise ConfigError("[smtp] max_recipients must be at least 1")

@@ -1,0 +1,39 @@
+"""What every stage of a running relay shares: settings, store, codec, queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from ..aliases.codec import AliasCodec, Direction
+from ..aliases.keys import KeyRing
+from ..config.settings import Settings
+from .log import Redactor
+from .queue import Enqueuer
+from .store import Store
+from .verp import BounceAddressCodec
+
+
+@dataclass
+class Relay:
+    settings: Settings
+    keys: KeyRing
+    codec: AliasCodec
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    store: Store
+    enqueuer: Enqueuer
+    redactor: Redactor
+    bounces: BounceAddressCodec
+
+    def bounce_address(self, queue_id: str) -> str:
+        """The signed envelope sender a forwarded message leaves with (VERP style)."""
+        return self.bounces.encode(queue_id)
+
+    def alias(self, direction: Direction, seller_id: int, buyer_id: int) -> str:
+        return f"{self.codec.encode(direction, seller_id, buyer_id)}@{self.settings.aliases.domain}"
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return frozenset({self.settings.smtp.hostname.lower()})

@@ -1,0 +1,199 @@
+"""Intake: from an accepted DATA to committed queue rows, or a refusal.
+
+The thin middle of the pipeline.  It parses only the header block, gathers the
+facts policy needs (sender status, the pair), asks ``policy`` for a decision,
+has ``rewrite`` build the outgoing header block, and hands the rows to the queue's
+group commit.  The body is never parsed here; it passes through as bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ..aliases.codec import AliasRef, Direction
+from ..policy import senders
+from ..policy.decision import ACCEPT, Decision, refuse
+from .context import Relay
+from .headers import (
+    AmbiguousFrom,
+    MalformedHeader,
+    MissingFrom,
+    get_all,
+    parse_from,
+    parse_headers,
+    parse_msg_ids,
+    received_count,
+    split_message,
+)
+from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
+from .queue import Accepted, new_queue_id
+from .rewrite import RewritePlan, format_received, render
+from .store import BuyerRow, SellerRow
+
+MAX_HOPS = 50
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A recipient accepted at RCPT: an alias with its pair, or the postmaster."""
+
+    address: str                      # as routed (lower case)
+    ref: AliasRef | None = None
+    seller: SellerRow | None = None
+    buyer: BuyerRow | None = None
+
+
+@dataclass
+class Outcome:
+    decision: Decision
+    queue_ids: list[str] = field(default_factory=list)
+    log: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    session_id: str
+    mail_from: str
+    recipients: list[Recipient]
+    content: bytes
+
+
+def _bad_line_endings(content: bytes) -> bool:
+    crlf = content.count(b"\r\n")
+    return content.count(b"\r") != crlf or content.count(b"\n") != crlf or b"\x00" in content
+
+
+async def process(relay: Relay, tx: Transaction) -> Outcome:
+    """Decide on one message; on acceptance, return only after the rows are committed."""
+    if _bad_line_endings(tx.content):
+        return Outcome(refuse("msg.bad_line_ending"))
+    header_block, body = split_message(tx.content)
+    try:
+        headers = parse_headers(header_block)
+    except MalformedHeader:
+        return Outcome(refuse("msg.malformed"))
+    if received_count(headers) > MAX_HOPS:
+        return Outcome(refuse("msg.loop"))
+    now = time.time()
+    aliased = [r for r in tx.recipients if r.ref is not None]
+    postmaster = [r for r in tx.recipients if r.ref is None]
+    acc = Accepted(items=[], recipients=[], extra=[])
+    queue_ids: list[str] = []
+    first_log: dict[str, object] = {}
+
+    if aliased:
+        try:
+            sender = parse_from(headers)
+        except MissingFrom:
+            return Outcome(refuse("from.missing"))
+        except AmbiguousFrom:
+            return Outcome(refuse("from.ambiguous"))
+        for rcpt in aliased:
+            decision = await _approve(relay, rcpt, sender.address)
+            if not decision.accepted:
+                await _log_refusal(relay, tx, rcpt, decision)
+                return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
+        original_ids = parse_msg_ids(_first(headers, "Message-ID"))
+        thread_ids = parse_msg_ids(" ".join(h.value for h in get_all(headers, "In-Reply-To"))) + \
+            parse_msg_ids(" ".join(h.value for h in get_all(headers, "References")))
+        for rcpt in aliased:
+            qid, rows = await _forward(relay, tx, rcpt, sender.address, tx.content, now,
+                                       original_ids[0] if original_ids else None, thread_ids)
+            queue_ids.append(qid)
+            acc.items.append(rows[0])
+            acc.recipients.append(rows[1])
+            acc.extra.extend(rows[2:])
+            first_log = first_log or {"alias": rcpt.address, **_ids(rcpt)}
+    if postmaster:
+        qid = new_queue_id()
+        received = format_received(relay.settings.smtp.hostname, qid, datetime.now(UTC))
+        item = QueueItem(id=qid, kind="postmaster", envelope_from=tx.mail_from, origin_sender=None,
+                         body=f"Received: {received}\r\n".encode() + tx.content, size=len(tx.content),
+                         created_at=now, next_attempt_at=now, attempts=0, status="queued")
+        acc.items.append(item)
+        acc.recipients.append(QueueRecipient(queue_id=qid, address=relay.settings.smtp.postmaster,
+                                             alias=postmaster[0].address, status="pending"))
+        acc.extra.append(MessageLog(at=now, session_id=tx.session_id, queue_id=qid, decision="accepted",
+                                    reason=None, size=len(tx.content)))
+        queue_ids.append(qid)
+    await relay.enqueuer.commit(acc)
+    return Outcome(ACCEPT, queue_ids, first_log)
+
+
+def _first(headers: list, name: str) -> str:  # type: ignore[type-arg]
+    found = get_all(headers, name)
+    return found[0].value if found else ""
+
+
+def _ids(rcpt: Recipient) -> dict[str, object]:
+    if rcpt.ref is None:
+        return {}
+    return {"seller_id": rcpt.ref.seller_id, "buyer_id": rcpt.ref.buyer_id,
+            "direction": rcpt.ref.direction.name.lower()}
+
+
+async def _approve(relay: Relay, rcpt: Recipient, address: str) -> Decision:
+    assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
+    if rcpt.ref.direction is Direction.TO_BUYER:
+        status = await relay.store.sender_status(rcpt.seller, address)
+        decision = senders.seller_sender(address, status)
+        if not decision.accepted and senders.records_as_pending(status):
+            await relay.store.record_attempt(rcpt.seller.id, address)
+        return decision
+    return senders.buyer_sender(address, rcpt.buyer.email)
+
+
+async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision: Decision) -> None:
+    assert rcpt.ref is not None
+    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[MessageLog(
+        at=time.time(), session_id=tx.session_id, queue_id=None, direction=int(rcpt.ref.direction),
+        seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id, decision="refused",
+        reason=decision.reason, size=len(tx.content))]))
+
+
+def mint_message_id(domain: str) -> str:
+    return f"{secrets.token_hex(16)}@{domain}"
+
+
+async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
+                   now: float, original_id: str | None, thread_ids: list[str]) -> tuple[str, list[object]]:
+    assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
+    settings = relay.settings
+    ref = rcpt.ref
+    qid = new_queue_id()
+    # The writer's side is the opposite direction's alias: what the reader replies to.
+    reply_alias = relay.alias(Direction.TO_SELLER if ref.direction is Direction.TO_BUYER else Direction.TO_BUYER,
+                              ref.seller_id, ref.buyer_id)
+    if ref.direction is Direction.TO_BUYER:
+        display, to_address = rcpt.seller.name, rcpt.buyer.email
+    else:
+        display, to_address = rcpt.buyer.name or "Buyer", rcpt.seller.email
+    minted = mint_message_id(settings.aliases.domain)
+    mapping = await relay.store.map_thread_ids(ref.seller_id, ref.buyer_id, thread_ids)
+    mapped = [mapping[i] for i in thread_ids if i in mapping]
+    in_reply_to = [mapping[i] for i in thread_ids[:1] if i in mapping]
+    plan = RewritePlan(
+        from_display=f"{display} via {settings.aliases.marketplace_name}",
+        from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
+        message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(mapped)),
+        received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
+        extra=[], date_if_missing=_rfc5322_date(now))
+    body = render(content, plan)
+    item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
+                     origin_sender=sender, body=body, size=len(body), created_at=now, next_attempt_at=now,
+                     attempts=0, status="queued")
+    recipient = QueueRecipient(queue_id=qid, address=to_address, alias=rcpt.address, status="pending")
+    thread = ThreadId(minted=minted, original=original_id or minted, seller_id=ref.seller_id,
+                      buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)
+    log = MessageLog(at=now, session_id=tx.session_id, queue_id=qid, direction=int(ref.direction),
+                     seller_id=ref.seller_id, buyer_id=ref.buyer_id, decision="accepted", reason=None,
+                     size=len(content), message_id=minted)
+    return qid, [item, recipient, thread, log]
+
+
+def _rfc5322_date(now: float) -> str:
+    from email.utils import formatdate
+    return formatdate(now, usegmt=True)

@@ -1,0 +1,184 @@
+"""The durable queue: the one owner of what "accepted" means.
+
+* ``Enqueuer`` commits accepted messages in groups: every session that finished
+  DATA hands its rows over and waits; one transaction commits the whole group
+  (one fsync for many messages) and only then is each session told to answer 250.
+  A failed commit fails every message of the group, and each session answers 451.
+* ``claim`` takes due items atomically with a lease: a single UPDATE ... RETURNING
+  (with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two workers or two processes
+  never attempt the same item at the same time, and a dead worker's lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
+
+
+def new_queue_id() -> str:
+    return "q" + secrets.token_hex(6)
+
+
+@dataclass
+class Accepted:
+    """Everything one accepted message writes, committed together or not at all."""
+
+    items: list[QueueItem]
+    recipients: list[QueueRecipient]
+    extra: list[Any] = field(default_factory=list)     # ThreadId, MessageLog rows
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    kind: str
+    envelope_from: str
+    origin_sender: str | None
+    body: bytes
+    attempts: int
+    created_at: float
+    recipients: tuple[tuple[int, str, str], ...]          # (row id, real address, alias)
+
+
+class Enqueuer:
+    """Group commit of accepted messages."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._pending: asyncio.Queue[tuple[Accepted, asyncio.Future[None]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.wakeup = asyncio.Event()        # set after each commit: delivery has work
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="enqueuer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def commit(self, accepted: Accepted) -> None:
+        """Returns once the rows are durably committed; raises if they are not."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._pending.put((accepted, fut))
+        # Shielded: a session that is cancelled meanwhile must not cancel the commit
+        # that other sessions' messages share (all-or-nothing per group).
+        await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._pending.get()]
+            while len(batch) < self._max_batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            try:
+                async with self._sessions.begin() as s:
+                    for accepted, _ in batch:
+                        s.add_all(accepted.items)
+                        await s.flush()
+                        s.add_all(accepted.recipients)
+                        s.add_all(accepted.extra)
+            except Exception as exc:  # the database refused: every message of the group fails
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StorageError(str(exc)))
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            self.wakeup.set()
+
+
+class StorageError(RuntimeError):
+    """The queue could not commit; the SMTP answer is 451 4.3.0."""
+
+
+async def claim(sessions: async_sessionmaker[AsyncSession], owner: str, limit: int,
+                lease: float, now: float | None = None) -> list[Claimed]:
+    now = time.time() if now is None else now
+    async with sessions.begin() as s:
+        due = (select(QueueItem.id)
+               .where(QueueItem.status == "queued", QueueItem.next_attempt_at <= now,
+                      or_(QueueItem.lease_until.is_(None), QueueItem.lease_until < now))
+               .order_by(QueueItem.next_attempt_at).limit(limit))
+        if s.bind.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        ids = list((await s.execute(
+            update(QueueItem).where(QueueItem.id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_until=now + lease)
+            .returning(QueueItem.id))).scalars())
+        if not ids:
+            return []
+        items = (await s.execute(select(QueueItem).where(QueueItem.id.in_(ids)))).scalars().all()
+        rcpts = (await s.execute(select(QueueRecipient).where(
+            QueueRecipient.queue_id.in_(ids), QueueRecipient.status == "pending"))).scalars().all()
+    by_item: dict[str, list[tuple[int, str, str]]] = {}
+    for r in rcpts:
+        by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
+    return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
+                    tuple(by_item.get(i.id, ()))) for i in items]
+
+
+async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str,
+                         delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
+                         retry_at: float) -> str:
+    """Store the outcome of one delivery attempt, per recipient. Returns the item's new status."""
+    async with sessions.begin() as s:
+        if delivered:
+            await s.execute(update(QueueRecipient).where(QueueRecipient.id.in_(delivered))
+                            .values(status="delivered", last_error=None))
+        for rid, error in failed.items():
+            await s.execute(update(QueueRecipient).where(QueueRecipient.id == rid)
+                            .values(status="failed", last_error=error))
+        for rid, error in deferred.items():
+            await s.execute(update(QueueRecipient).where(QueueRecipient.id == rid)
+                            .values(last_error=error))
+        status = "queued" if deferred else "done"
+        last_error = next(iter(deferred.values()), None) or next(iter(failed.values()), None)
+        await s.execute(
+            update(QueueItem)
+            .where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
+            .values(status=status, attempts=QueueItem.attempts + 1, next_attempt_at=retry_at,
+                    body=QueueItem.body if deferred else b"",
+                    lease_owner=None, lease_until=None, last_error=last_error))
+    return status
+
+
+async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: bool = False) -> list[dict[str, Any]]:
+    async with sessions() as s:
+        stmt = select(QueueItem.id, QueueItem.kind, QueueItem.status, QueueItem.attempts,
+                      QueueItem.next_attempt_at, QueueItem.created_at, QueueItem.last_error, QueueItem.size)
+        if not include_done:
+            stmt = stmt.where(QueueItem.status != "done")
+        rows = (await s.execute(stmt.order_by(QueueItem.created_at))).all()
+        rcpts = (await s.execute(select(QueueRecipient.queue_id, QueueRecipient.alias,
+                                        QueueRecipient.status))).all()
+    by_item: dict[str, list[dict[str, str]]] = {}
+    for qid, alias, status in rcpts:
+        by_item.setdefault(qid, []).append({"alias": alias, "status": status})
+    return [{"id": r.id, "kind": r.kind, "status": r.status, "attempts": r.attempts,
+             "next_attempt_at": r.next_attempt_at, "created_at": r.created_at, "size": r.size,
+             "last_error": r.last_error, "recipients": by_item.get(r.id, [])} for r in rows]
+
+
+async def purge_done(sessions: async_sessionmaker[AsyncSession], older_than: float) -> int:
+    async with sessions.begin() as s:
+        res = await s.execute(delete(QueueItem).where(and_(QueueItem.status == "done",
+                                                           QueueItem.next_attempt_at < older_than)))
+        return res.rowcount or 0
+
+
+__all__ = ["Accepted", "Claimed", "Enqueuer", "StorageError", "claim", "record_attempt", "list_items",
+           "new_queue_id", "purge_done", "MessageLog", "ThreadId"]

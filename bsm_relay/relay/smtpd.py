@@ -1,0 +1,150 @@
+"""SMTP in: the aiosmtpd protocol and handler, and nothing else.
+
+Recipients are routed and resolved at RCPT (refusals before DATA cost nothing);
+the message is judged after DATA by ``intake``.  Every reply comes from the
+catalogue in ``policy.reasons``; an unexpected failure answers ``451 4.3.0`` with
+no internals, never aiosmtpd's default ``500 Error: (SomeException)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from ..aliases.routing import Kind, route
+from ..policy.reasons import reply, reply_for
+from . import intake, log
+from .context import Relay
+from .queue import StorageError
+
+_RCPT_ARG = re.compile(r"TO:\s*<([^<>]*)>\s*(.*)", re.IGNORECASE | re.ASCII)
+_RCPT_BARE = re.compile(r"TO:\s*(\S+)\s*(.*)", re.IGNORECASE | re.ASCII)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with a strict, cheap RCPT parser and per-session limits."""
+
+    def __init__(self, relay: Relay, handler: Handler, **kwargs: Any) -> None:
+        settings = relay.settings.smtp
+        super().__init__(handler, hostname=settings.hostname, data_size_limit=settings.max_message_size,
+                         timeout=settings.timeout, ident="bsm-relay", **kwargs)
+        self.relay = relay
+        self.bad_recipients = 0
+
+    def _create_session(self) -> Session:
+        session = super()._create_session()
+        session.id = secrets.token_hex(6)  # type: ignore[attr-defined]
+        return session
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.mail_from:
+            await self.push(reply("rcpt.need_mail"))
+            return
+        m = _RCPT_ARG.fullmatch(arg or "") or _RCPT_BARE.fullmatch(arg or "")
+        if m is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if m.group(2).strip():
+            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            return
+        if len(self.envelope.rcpt_tos) >= self.relay.settings.smtp.max_recipients:
+            await self.push(reply("rcpt.too_many"))
+            return
+        status = await self.event_handler.resolve_recipient(self, self.session, self.envelope, m.group(1))
+        if not status.startswith("250"):
+            self.bad_recipients += 1
+            if self.bad_recipients > self.relay.settings.smtp.max_invalid_recipients:
+                await self.push(reply("rcpt.too_many_invalid"))
+                assert self.transport is not None
+                self.transport.close()
+                return
+        await self.push(status)
+
+
+class Handler:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.log = log.get()
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.bsm_recipients = []  # type: ignore[attr-defined]
+        return reply("ok.sender")
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "250 2.0.0 OK"
+
+    async def resolve_recipient(self, server: SMTP, session: Session, envelope: Envelope, text: str) -> str:
+        settings = self.relay.settings
+        r = route(text, settings.aliases.domain, self.relay.local_domains)
+        recipients: list[intake.Recipient] = getattr(envelope, "bsm_recipients", [])
+        envelope.bsm_recipients = recipients  # type: ignore[attr-defined]
+        if r.kind is Kind.POSTMASTER:
+            recipients.append(intake.Recipient(r.address))
+            envelope.rcpt_tos.append(r.address)
+            return reply("ok.recipient")
+        if r.kind is Kind.FOREIGN:
+            return self._refused(session, "rcpt.relay_denied", domain=settings.aliases.domain)
+        if r.kind is Kind.ALIAS:
+            resolved = await self._resolve_alias(r.local, r.address)
+            if resolved is not None:
+                recipients.append(resolved)
+                envelope.rcpt_tos.append(r.address)
+                return reply("ok.recipient")
+        # INVALID, BOUNCE (until bounce addresses are decoded), forged, revoked, unknown pair:
+        # one generic answer, so the reply tells nothing about why.
+        return self._refused(session, "rcpt.unknown")
+
+    async def _resolve_alias(self, token: str, address: str) -> intake.Recipient | None:
+        ref = self.relay.codec.decode(token)
+        if ref is None or await self.relay.store.is_revoked(token):
+            return None
+        seller = await self.relay.store.seller(id=ref.seller_id)
+        buyer = await self.relay.store.buyer(id=ref.buyer_id)
+        if seller is None or buyer is None:
+            return None
+        return intake.Recipient(address, ref, seller, buyer)
+
+    def _refused(self, session: Session, reason: str, **params: object) -> str:
+        self.log.info("smtp.rejected", stage="rcpt", reason=reason, session=getattr(session, "id", None))
+        return reply(reason, **params)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        if not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        tx = intake.Transaction(session_id=getattr(session, "id", ""), mail_from=envelope.mail_from or "",
+                                recipients=list(getattr(envelope, "bsm_recipients", [])), content=content)
+        try:
+            outcome = await intake.process(self.relay, tx)
+        except StorageError:
+            self.log.error("store.error", session=tx.session_id)
+            return reply("local.storage")
+        if not outcome.decision.accepted:
+            self.log.info("smtp.rejected", stage="data", reason=outcome.decision.reason,
+                          session=tx.session_id, **outcome.log)
+            return reply_for(outcome.decision)
+        for qid in outcome.queue_ids:
+            self.log.info("message.accepted", queue_id=qid, session=tx.session_id, size=len(content),
+                          **outcome.log)
+        return reply("ok.queued", queue_id=" ".join(outcome.queue_ids))
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.CancelledError):  # pragma: no cover - re-raised by aiosmtpd
+            raise error
+        self.log.error("smtp.error", error_type=type(error).__name__, exc_info=error)
+        return reply("local.error")
+
+
+def protocol_factory(relay: Relay) -> Any:
+    handler = Handler(relay)
+    return lambda: RelaySMTP(relay, handler)

@@ -1,0 +1,254 @@
+"""Queries on the marketplace's facts: sellers, their addresses, buyers, orders,
+revoked aliases and the Message-ID map.  Every function is async and runs through
+the async engine, so no database work ever blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ..policy.senders import SenderStatus
+from .models import Buyer, Order, RevokedAlias, Seller, SellerAddress, ThreadId
+
+ORDER_STATUSES = ("pending", "unshipped", "shipped", "delivered", "canceled")
+ADDRESS_STATUSES = ("approved", "pending", "blocked")
+
+
+class StoreError(ValueError):
+    """A refused change (unknown seller, duplicate id, ...); the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class SellerRow:
+    id: int
+    ext_id: str
+    name: str
+    email: str
+
+
+@dataclass(frozen=True)
+class BuyerRow:
+    id: int
+    ext_id: str
+    email: str
+    name: str | None
+    opt_out: bool
+    locale: str
+
+
+def normalize_address(address: str) -> str:
+    local, _, domain = address.strip().rpartition("@")
+    return f"{local}@{domain.lower().rstrip('.')}" if local else address.strip().lower()
+
+
+class Store:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    # -- sellers -----------------------------------------------------------------
+    async def add_seller(self, ext_id: str, name: str, email: str) -> SellerRow:
+        async with self.sessions.begin() as s:
+            row = Seller(ext_id=ext_id, name=name, email=normalize_address(email), created_at=time.time())
+            s.add(row)
+            try:
+                await s.flush()
+            except IntegrityError:
+                raise StoreError(f"seller {ext_id} already exists") from None
+            return _seller(row)
+
+    async def seller(self, *, id: int | None = None, ext_id: str | None = None) -> SellerRow | None:
+        async with self.sessions() as s:
+            stmt = select(Seller).where(Seller.id == id if id is not None else Seller.ext_id == ext_id)
+            row = (await s.execute(stmt)).scalar_one_or_none()
+            return _seller(row) if row else None
+
+    async def require_seller(self, ext_id: str) -> SellerRow:
+        row = await self.seller(ext_id=ext_id)
+        if row is None:
+            raise StoreError(f"no seller {ext_id}")
+        return row
+
+    # -- Messaging Permissions -------------------------------------------------
+    async def sender_status(self, seller: SellerRow, address: str) -> SenderStatus:
+        address = normalize_address(address)
+        if address.lower() == seller.email.lower():
+            return SenderStatus.PRIMARY
+        async with self.sessions() as s:
+            stmt = select(SellerAddress.status).where(
+                SellerAddress.seller_id == seller.id, func.lower(SellerAddress.address) == address.lower())
+            status = (await s.execute(stmt)).scalar_one_or_none()
+        return SenderStatus(status) if status else SenderStatus.UNKNOWN
+
+    async def record_attempt(self, seller_id: int, address: str) -> None:
+        """An unapproved address tried to send: record it as pending (or count the try)."""
+        address = normalize_address(address)
+        now = time.time()
+        async with self.sessions.begin() as s:
+            updated = await s.execute(
+                update(SellerAddress)
+                .where(SellerAddress.seller_id == seller_id,
+                       func.lower(SellerAddress.address) == address.lower())
+                .values(attempts=SellerAddress.attempts + 1, last_seen=now))
+            if updated.rowcount == 0:
+                s.add(SellerAddress(seller_id=seller_id, address=address, status="pending",
+                                    first_seen=now, last_seen=now, attempts=1, updated_at=now))
+
+    async def set_sender_status(self, seller_ext_id: str, address: str, status: str) -> None:
+        if status not in ADDRESS_STATUSES:
+            raise StoreError(f"status must be one of {', '.join(ADDRESS_STATUSES)}")
+        seller = await self.require_seller(seller_ext_id)
+        address = normalize_address(address)
+        if "@" not in address:
+            raise StoreError(f"{address!r} is not an email address")
+        if address.lower() == seller.email.lower():
+            raise StoreError("the primary address is always approved")
+        now = time.time()
+        async with self.sessions.begin() as s:
+            updated = await s.execute(
+                update(SellerAddress)
+                .where(SellerAddress.seller_id == seller.id,
+                       func.lower(SellerAddress.address) == address.lower())
+                .values(status=status, updated_at=now))
+            if updated.rowcount == 0:
+                s.add(SellerAddress(seller_id=seller.id, address=address, status=status,
+                                    first_seen=None, last_seen=None, attempts=0, updated_at=now))
+
+    async def list_senders(self, seller_ext_id: str, status: str | None = None) -> list[dict[str, object]]:
+        seller = await self.require_seller(seller_ext_id)
+        rows: list[dict[str, object]] = []
+        if status in (None, "approved"):
+            rows.append({"address": seller.email, "status": "approved", "primary": True,
+                         "first_seen": None, "last_seen": None, "attempts": 0})
+        async with self.sessions() as s:
+            stmt = select(SellerAddress).where(SellerAddress.seller_id == seller.id)
+            if status:
+                stmt = stmt.where(SellerAddress.status == status)
+            for a in (await s.execute(stmt.order_by(SellerAddress.address))).scalars():
+                rows.append({"address": a.address, "status": a.status, "primary": False,
+                             "first_seen": a.first_seen, "last_seen": a.last_seen, "attempts": a.attempts})
+        return rows
+
+    # -- buyers and orders -----------------------------------------------------
+    async def add_buyer(self, ext_id: str, email: str, name: str | None = None,
+                        opt_out: bool = False, locale: str = "en") -> BuyerRow:
+        async with self.sessions.begin() as s:
+            row = Buyer(ext_id=ext_id, email=normalize_address(email), name=name, opt_out=opt_out,
+                        locale=locale, created_at=time.time())
+            s.add(row)
+            try:
+                await s.flush()
+            except IntegrityError:
+                raise StoreError(f"buyer {ext_id} already exists") from None
+            return _buyer(row)
+
+    async def buyer(self, *, id: int | None = None, ext_id: str | None = None) -> BuyerRow | None:
+        async with self.sessions() as s:
+            stmt = select(Buyer).where(Buyer.id == id if id is not None else Buyer.ext_id == ext_id)
+            row = (await s.execute(stmt)).scalar_one_or_none()
+            return _buyer(row) if row else None
+
+    async def require_buyer(self, ext_id: str) -> BuyerRow:
+        row = await self.buyer(ext_id=ext_id)
+        if row is None:
+            raise StoreError(f"no buyer {ext_id}")
+        return row
+
+    async def add_order(self, ext_id: str, seller_ext_id: str, buyer_ext_id: str, status: str,
+                        category: str | None = None, placed_at: float | None = None,
+                        delivered_at: float | None = None) -> None:
+        if status not in ORDER_STATUSES:
+            raise StoreError(f"status must be one of {', '.join(ORDER_STATUSES)}")
+        seller = await self.require_seller(seller_ext_id)
+        buyer = await self.require_buyer(buyer_ext_id)
+        now = time.time()
+        async with self.sessions.begin() as s:
+            s.add(Order(ext_id=ext_id, seller_id=seller.id, buyer_id=buyer.id, status=status,
+                        category=category, placed_at=placed_at or now, delivered_at=delivered_at,
+                        updated_at=now))
+            try:
+                await s.flush()
+            except IntegrityError:
+                raise StoreError(f"order {ext_id} already exists") from None
+
+    async def set_order_status(self, ext_id: str, status: str, delivered_at: float | None = None) -> None:
+        if status not in ORDER_STATUSES:
+            raise StoreError(f"status must be one of {', '.join(ORDER_STATUSES)}")
+        values: dict[str, object] = {"status": status, "updated_at": time.time()}
+        if delivered_at is not None:
+            values["delivered_at"] = delivered_at
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(Order).where(Order.ext_id == ext_id).values(**values))
+            if res.rowcount == 0:
+                raise StoreError(f"no order {ext_id}")
+
+    async def orders_of_pair(self, seller_id: int, buyer_id: int) -> Sequence[Order]:
+        async with self.sessions() as s:
+            stmt = (select(Order).where(Order.seller_id == seller_id, Order.buyer_id == buyer_id)
+                    .order_by(Order.placed_at.desc()))
+            return list((await s.execute(stmt)).scalars())
+
+    async def is_empty(self) -> bool:
+        async with self.sessions() as s:
+            return (await s.execute(select(func.count()).select_from(Seller))).scalar_one() == 0
+
+    # -- aliases ------------------------------------------------------------------
+    async def is_revoked(self, token: str) -> bool:
+        async with self.sessions() as s:
+            return (await s.get(RevokedAlias, token.lower())) is not None
+
+    async def revoke(self, token: str) -> None:
+        async with self.sessions.begin() as s:
+            if await s.get(RevokedAlias, token.lower()) is None:
+                s.add(RevokedAlias(token=token.lower(), revoked_at=time.time()))
+
+    # -- the Message-ID map ----------------------------------------------------------
+    async def map_thread_ids(self, seller_id: int, buyer_id: int, ids: Sequence[str]) -> dict[str, str]:
+        """For ids the writer's client put in In-Reply-To/References, the id the *reader* knows.
+
+        An id we minted maps back to the original it stands for; an original we have
+        seen (the writer's own earlier message) maps to the id we minted for it.
+        Unknown ids are left out: they could carry a foreign host name.
+        """
+        if not ids:
+            return {}
+        found: dict[str, str] = {}
+        async with self.sessions() as s:
+            minted = await s.execute(select(ThreadId).where(
+                ThreadId.minted.in_(ids), ThreadId.seller_id == seller_id, ThreadId.buyer_id == buyer_id))
+            for row in minted.scalars():
+                found[row.minted] = row.original
+            rest = [i for i in ids if i not in found]
+            if rest:
+                originals = await s.execute(select(ThreadId).where(
+                    ThreadId.original.in_(rest), ThreadId.seller_id == seller_id,
+                    ThreadId.buyer_id == buyer_id))
+                for row in originals.scalars():
+                    found.setdefault(row.original, row.minted)
+        return found
+
+    async def thread_started_by(self, seller_id: int, buyer_id: int, minted_ids: Sequence[str]) -> int | None:
+        """The direction of the earliest known message among ``minted_ids`` (who started the thread)."""
+        if not minted_ids:
+            return None
+        async with self.sessions() as s:
+            row = (await s.execute(select(ThreadId.direction).where(
+                ThreadId.minted.in_(minted_ids), ThreadId.seller_id == seller_id,
+                ThreadId.buyer_id == buyer_id).order_by(ThreadId.created_at).limit(1))).first()
+        return row[0] if row else None
+
+
+def _seller(row: Seller) -> SellerRow:
+    return SellerRow(row.id, row.ext_id, row.name, row.email)
+
+
+def _buyer(row: Buyer) -> BuyerRow:
+    return BuyerRow(row.id, row.ext_id, row.email, row.name, row.opt_out, row.locale)
+
+
+__all__ = ["Store", "StoreError", "SellerRow", "BuyerRow", "ORDER_STATUSES", "normalize_address"]

@@ -1,0 +1,195 @@
+"""Test harness: a recording downstream SMTP server and the relay run as in production.
+
+The relay is started the way an operator starts it: ``bsm-relay init`` then
+``bsm-relay serve --config FILE`` in a subprocess; the downstream is a real
+aiosmtpd server on loopback that records what it received (and can be scripted
+to refuse).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "bsm-relay"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+class RecordingHandler:
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.lock = threading.Lock()
+        # Scripted answers: callable(rcpt) -> reply string or None (accept).
+        self.rcpt_reply: Callable[[str], str | None] = lambda rcpt: None
+        self.data_reply: Callable[[], str | None] = lambda: None
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        answer = self.rcpt_reply(address)
+        if answer:
+            return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        answer = self.data_reply()
+        if answer:
+            return answer
+        with self.lock:
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 Ok: queued"
+
+
+class Sink:
+    """A real SMTP server on loopback, in its own thread, recording every message."""
+
+    def __init__(self) -> None:
+        self.handler = RecordingHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> Sink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.controller.stop()
+
+    @property
+    def messages(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.messages)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msgs = self.messages
+            if len(msgs) >= count:
+                return msgs
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} delivered messages, got {len(self.messages)}")
+
+
+@dataclass
+class RelayProcess:
+    workdir: Path
+    port: int
+    config: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([str(BIN), "--config", str(self.config), *args], capture_output=True, text=True,
+                             env=self.env, cwd=self.workdir, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"bsm-relay {' '.join(args)} failed: {res.stderr}")
+        return res
+
+    def start(self) -> None:
+        self.log_path = self.workdir / "relay.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(BIN), "--config", str(self.config), "serve"], stdout=log,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited: {self.log_path.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("relay did not start listening")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def smtp(self) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+        client.ehlo("client.test")
+        return client
+
+
+def write_config(workdir: Path, port: int, extra: str = "", *, sink_port: int | None = None) -> Path:
+    delivery = (f'mode = "smarthost"\nsmarthost = "127.0.0.1:{sink_port}"\nsmarthost_tls = "off"\n'
+                if sink_port else f'mode = "maildir"\nmaildir = "{workdir / "maildir"}"\n')
+    text = f"""
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "mx.relay.test"
+postmaster = "ops@operator.test"
+max_invalid_recipients = 20
+
+[aliases]
+domain = "marketplace.example"
+marketplace_name = "Marketplace"
+
+[storage]
+state_dir = "{workdir / 'state'}"
+
+[delivery]
+{delivery}poll_interval = 0.2
+
+[queue]
+retry_delay = 1
+
+[logging]
+format = "json"
+level = "info"
+{extra}
+"""
+    path = workdir / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def make_relay(workdir: Path, *, sink_port: int | None = None, extra: str = "") -> RelayProcess:
+    port = free_port()
+    config = write_config(workdir, port, extra, sink_port=sink_port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BSM_RELAY_")}
+    relay = RelayProcess(workdir, port, config, env)
+    relay.cli("init")
+    return relay
+
+
+def message(from_: str, to: str, subject: str = "Hello", body: str = "Hello there.\r\n",
+            extra_headers: str = "") -> bytes:
+    return (f"From: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Date: Fri, 27 Nov 2026 10:00:00 +0000\r\n{extra_headers}\r\n{body}").encode()
