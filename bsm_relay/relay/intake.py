@@ -54,6 +54,14 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class ThreadRefs:
+    """The ids the writer's client put in In-Reply-To and References (originals or ours)."""
+
+    in_reply_to: list[str]
+    references: list[str]
+
+
+@dataclass(frozen=True)
 class Transaction:
     session_id: str
     mail_from: str
@@ -97,8 +105,8 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
                 await _log_refusal(relay, tx, rcpt, decision)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
-        thread_ids = parse_msg_ids(" ".join(h.value for h in get_all(headers, "In-Reply-To"))) + \
-            parse_msg_ids(" ".join(h.value for h in get_all(headers, "References")))
+        thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
+                                parse_msg_ids(_first(headers, "References")))
         for rcpt in aliased:
             qid, rows = await _forward(relay, tx, rcpt, sender.address, tx.content, now,
                                        original_ids[0] if original_ids else None, thread_ids)
@@ -159,7 +167,7 @@ def mint_message_id(domain: str) -> str:
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
-                   now: float, original_id: str | None, thread_ids: list[str]) -> tuple[str, list[object]]:
+                   now: float, original_id: str | None, thread_ids: ThreadRefs) -> tuple[str, list[object]]:
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     settings = relay.settings
     ref = rcpt.ref
@@ -172,13 +180,17 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
     else:
         display, to_address = rcpt.buyer.name or "Buyer", rcpt.seller.email
     minted = mint_message_id(settings.aliases.domain)
-    mapping = await relay.store.map_thread_ids(ref.seller_id, ref.buyer_id, thread_ids)
-    mapped = [mapping[i] for i in thread_ids if i in mapping]
-    in_reply_to = [mapping[i] for i in thread_ids[:1] if i in mapping]
+    mapping = await relay.store.map_thread_ids(ref.seller_id, ref.buyer_id,
+                                               thread_ids.in_reply_to + thread_ids.references)
+    in_reply_to = [mapping[i] for i in thread_ids.in_reply_to[:1] if i in mapping]
+    references = [mapping[i] for i in thread_ids.references if i in mapping]
+    for parent in in_reply_to:  # RFC 5322 3.6.4: the parent's id ends References
+        if parent not in references:
+            references.append(parent)
     plan = RewritePlan(
         from_display=f"{display} via {settings.aliases.marketplace_name}",
         from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
-        message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(mapped)),
+        message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
         extra=[], date_if_missing=_rfc5322_date(now))
     body = render(content, plan)
