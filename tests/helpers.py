@@ -168,7 +168,8 @@ state_dir = "{workdir / 'state'}"
 {delivery}poll_interval = 0.2
 
 [queue]
-retry_delay = 1
+min_backoff = 1
+max_backoff = 2
 
 [logging]
 format = "json"

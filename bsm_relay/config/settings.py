@@ -30,6 +30,8 @@ class SmtpSettings:
     max_recipients: int = 100
     max_invalid_recipients: int = 20
     timeout: float = 300.0          # idle / per-command timeout, RFC 5321 §4.5.3.2
+    proxy_protocol: bool = False    # expect a PROXY v1/v2 header from a trusted peer
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    mode: str = "maildir"           # maildir | smarthost
+    mode: str = "maildir"           # maildir | smarthost | mx
     smarthost: str = "127.0.0.1:2600"
     smarthost_tls: str = "opportunistic"   # opportunistic | required | off
     smarthost_user: str = ""
@@ -59,9 +61,48 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class QueueSettings:
-    retry_delay: int = 300          # seconds before a deferred message is tried again
-    max_lifetime: int = 432_000
-    lease: int = 600
+    min_backoff: int = 300          # first retry after this many seconds, doubling ...
+    max_backoff: int = 4000         # ... up to this
+    max_lifetime: int = 432_000     # give up (and bounce) after this many seconds
+    delay_warning: int = 14_400     # send a delay notice after this many seconds; 0 disables
+    lease: int = 600                # a claimed item is another worker's after this many seconds
+    max_errors: int = 3             # processing failures (bugs, broken rows) before an item is held
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: list[str] = field(default_factory=list)   # empty: the system resolver
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    selector: str = "bsm1"
+    algorithm: str = "rsa"          # rsa | ed25519
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    sender_authentication: str = "dmarc"   # dmarc | none
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The marketplace's messaging rules; see bsm_relay/policy/rules.py for the defaults."""
+
+    order_id_pattern: str = r"\d{3}-\d{7}-\d{7}"
+    proactive_window_days: int = 30
+    max_attachments: int = 5
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    emails: str = "mask"            # allow | mask | refuse
+    phones: str = "mask"
+    links: str = "refuse"           # what happens to links outside link_allowlist
+    link_allowlist: list[str] = field(default_factory=list)   # empty: the built-in carriers + alias domain
+    remote_images: str = "mask"     # mask = strip
+    review_min_days: int = 5
+    review_max_days: int = 30
+    volume_base: int = 600
+    volume_per_order_factor: int = 5
 
 
 @dataclass(frozen=True)
@@ -78,6 +119,10 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "<defaults>"
 
@@ -112,10 +157,14 @@ def split_host_port(value: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(f"{value!r} is not host:port") from None
 
 
+SECTIONS = ("smtp", "aliases", "storage", "delivery", "queue", "dns", "dkim", "auth", "policy", "logging")
+
+
 def _section_class(name: str) -> type:
     return {
         "smtp": SmtpSettings, "aliases": AliasSettings, "storage": StorageSettings,
         "delivery": DeliverySettings, "queue": QueueSettings, "logging": LoggingSettings,
+        "dns": DnsSettings, "dkim": DkimSettings, "auth": AuthSettings, "policy": PolicySettings,
     }[name]
 
 
@@ -162,7 +211,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
         source = str(path)
     sections: dict[str, Any] = {}
-    for name in ("smtp", "aliases", "storage", "delivery", "queue", "logging"):
+    for name in SECTIONS:
         cls = _section_class(name)
         defaults = cls()
         given = dict(data.get(name, {}))
@@ -185,8 +234,18 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
 
 
 def validate(settings: Settings) -> None:
-    if settings.delivery.mode not in ("maildir", "smarthost"):
-        raise ConfigError(f"[delivery] mode must be maildir or smarthost, not {settings.delivery.mode!r}")
+    if settings.delivery.mode not in ("maildir", "smarthost", "mx"):
+        raise ConfigError(f"[delivery] mode must be maildir, smarthost or mx, not {settings.delivery.mode!r}")
+    if settings.dkim.algorithm not in ("rsa", "ed25519"):
+        raise ConfigError("[dkim] algorithm must be rsa or ed25519")
+    if settings.auth.sender_authentication not in ("dmarc", "none"):
+        raise ConfigError("[auth] sender_authentication must be dmarc or none")
+    for key in ("emails", "phones", "links", "remote_images"):
+        if getattr(settings.policy, key) not in ("allow", "mask", "refuse"):
+            raise ConfigError(f"[policy] {key} must be allow, mask or refuse")
+    q = settings.queue
+    if not 0 < q.min_backoff <= q.max_backoff:
+        raise ConfigError("[queue] needs 0 < min_backoff <= max_backoff")
     if settings.delivery.smarthost_tls not in ("opportunistic", "required", "off"):
         raise ConfigError("[delivery] smarthost_tls must be opportunistic, required or off")
     if settings.logging.format not in ("auto", "json", "console"):

@@ -198,7 +198,7 @@ class Deliverer:
             result = Result(deferred={a: "451 4.3.0 local delivery error" for a in addresses})
         by_address = {address: rid for rid, address, _ in item.recipients}
         aliases = {address: alias for _, address, alias in item.recipients}
-        retry_at = time.time() + self.settings.queue.retry_delay
+        retry_at = time.time() + self.settings.queue.min_backoff
         status = await record_attempt(
             self.sessions, item, self.owner,
             delivered=[by_address[a] for a in result.delivered],
@@ -211,4 +211,4 @@ class Deliverer:
             self.log.warning("delivery.failed", queue_id=item.id, alias=aliases[a], reply=text)
         for a, text in result.deferred.items():
             self.log.info("delivery.deferred", queue_id=item.id, alias=aliases[a], reply=text,
-                          next_attempt_in=self.settings.queue.retry_delay, status=status)
+                          next_attempt_in=self.settings.queue.min_backoff, status=status)

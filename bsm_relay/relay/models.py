@@ -71,6 +71,7 @@ class Order(Base):
     category: Mapped[str | None] = mapped_column(String(64), nullable=True)
     placed_at: Mapped[float] = mapped_column(Float)
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    review_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
 
 
@@ -101,7 +102,7 @@ class MessageLog(Base):
     """One row per decision on a message: accepted or refused, and why."""
 
     __tablename__ = "message_log"
-    __table_args__ = (Index("ix_message_log_at", "at"),)
+    __table_args__ = (Index("ix_message_log_at", "at"), Index("ix_message_log_seller_at", "seller_id", "at"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[float] = mapped_column(Float)
     session_id: Mapped[str] = mapped_column(String(32))
@@ -114,6 +115,8 @@ class MessageLog(Base):
     reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     size: Mapped[int] = mapped_column(Integer, default=0)
     message_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    proactive: Mapped[bool] = mapped_column(Boolean, default=False)   # seller-started: counts toward the cap
+    contact_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class QueueItem(Base):
@@ -131,6 +134,8 @@ class QueueItem(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16))          # queued | hold | done
+    errors: Mapped[int] = mapped_column(Integer, default=0)  # processing failures (not delivery failures)
+    delay_notified: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
