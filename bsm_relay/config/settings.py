@@ -9,6 +9,7 @@ Stdlib only: the rest of the relay imports this, never the other way round.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -54,6 +55,7 @@ class DeliverySettings:
     smarthost_user: str = ""
     smarthost_password: str = ""
     maildir: str = "./var/maildir"
+    mx_port: int = 25               # the port MX delivery connects to (tests point it elsewhere)
     workers: int = 20
     poll_interval: float = 1.0
     timeout: float = 600.0          # final-dot timeout toward the downstream
@@ -84,6 +86,7 @@ class DkimSettings:
 @dataclass(frozen=True)
 class AuthSettings:
     sender_authentication: str = "dmarc"   # dmarc | none
+    max_approved_senders: int = 0          # approved addresses per seller besides the primary; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,27 @@ class PolicySettings:
     review_max_days: int = 30
     volume_base: int = 600
     volume_per_order_factor: int = 5
+    volume_window_days: int = 30
+    max_text_chars: int = 100_000
+    # Contact reasons an opted-out buyer still receives.
+    critical_reasons: list[str] = field(
+        default_factory=lambda: ["customization", "delivery_scheduling", "shipping_address"])
+    # Contact reasons per order status group (reason ids of policy/orders.py).
+    reasons_before_shipment: list[str] = field(
+        default_factory=lambda: ["additional_info", "customization", "unexpected_problem"])
+    reasons_after_shipment: list[str] = field(
+        default_factory=lambda: ["delivery_scheduling", "shipping_address", "unexpected_problem",
+                                 "return_refund", "invoice"])
+    # Per product category, "category:reason" entries added to / removed from every group.
+    category_add_reasons: list[str] = field(default_factory=list)
+    category_remove_reasons: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key in ("category_add_reasons", "category_remove_reasons"):
+            for entry in getattr(self, key):
+                category, sep, reason = str(entry).partition(":")
+                if not (sep and category.strip() and reason.strip()):
+                    raise ConfigError(f"[policy] {key}: {entry!r} is not \"category:reason\"")
 
 
 @dataclass(frozen=True)
@@ -256,3 +280,12 @@ def validate(settings: Settings) -> None:
     split_host_port(settings.delivery.smarthost, 25)
     if settings.smtp.max_recipients < 1:
         raise ConfigError("[smtp] max_recipients must be at least 1")
+    if settings.auth.max_approved_senders < 0:
+        raise ConfigError("[auth] max_approved_senders must be 0 (no limit) or more")
+    for entry in settings.smtp.trusted_proxies:
+        try:
+            ipaddress.ip_network(str(entry).strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"[smtp] trusted_proxies: {entry!r} is not an IP address or network") from None
+    if settings.smtp.proxy_protocol and not settings.smtp.trusted_proxies:
+        raise ConfigError("[smtp] proxy_protocol = true needs trusted_proxies (the proxies' addresses)")

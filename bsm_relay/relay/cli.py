@@ -19,9 +19,11 @@ from typing import Any
 from ..aliases import keys as keyring
 from ..aliases.codec import Direction
 from ..config import settings as config
-from . import db
-from .queue import list_items
-from .server import StartupError, open_relay, serve
+from . import cli_marketplace, db
+from .queue import admin as queue_admin
+from .queue import get_item, list_items
+from .dkim import DkimKeyError, generate_key, txt_record_name
+from .server import StartupError, dkim_key_path, load_signer, open_relay, serve
 from .store import ORDER_STATUSES, StoreError
 
 
@@ -63,8 +65,30 @@ async def cmd_init(s: config.Settings, args: argparse.Namespace) -> None:
         await db.migrate(engine)
     finally:
         await engine.dispose()
-    _out(args, {"state_dir": str(state), "key_created": created, "database": "current"},
-         f"state directory {state}: database current, alias key {'created' if created else 'present'}")
+    key_path = dkim_key_path(s)
+    dkim_created = not key_path.exists()
+    if dkim_created:
+        generate_key(state, s.dkim.selector, s.dkim.algorithm)
+    signer = load_signer(s)
+    record = {"name": txt_record_name(s.dkim.selector, s.aliases.domain), "value": signer.txt_record()}
+    _out(args, {"state_dir": str(state), "key_created": created, "database": "current",
+                "dkim_key_created": dkim_created, "dkim_txt_record": record},
+         f"state directory {state}: database current, alias key {'created' if created else 'present'}, "
+         f"DKIM key {'created' if dkim_created else 'present'}\n"
+         f"publish: {record['name']} TXT \"{record['value']}\"")
+
+
+async def cmd_dkim_keygen(s: config.Settings, args: argparse.Namespace) -> None:
+    selector = args.selector or s.dkim.selector
+    algorithm = args.algorithm or s.dkim.algorithm
+    try:
+        path, txt = generate_key(Path(s.state_dir), selector, algorithm, force=args.force)
+    except (DkimKeyError, FileExistsError) as exc:
+        raise CommandError(f"{exc} (use --force to replace it)") from None
+    name = txt_record_name(selector, s.aliases.domain)
+    note = "" if selector == s.dkim.selector else f"\nset [dkim] selector = \"{selector}\" to sign with it"
+    _out(args, {"path": str(path), "selector": selector, "algorithm": algorithm, "name": name, "value": txt},
+         f"wrote {path}\npublish: {name} TXT \"{txt}\"{note}")
 
 
 async def _with_relay(s: config.Settings, fn: Callable[[Any], Awaitable[None]]) -> None:
@@ -96,11 +120,20 @@ async def cmd_sender_list(s: config.Settings, args: argparse.Namespace) -> None:
 def _sender_set(status: str) -> Callable[[config.Settings, argparse.Namespace], Awaitable[None]]:
     async def cmd(s: config.Settings, args: argparse.Namespace) -> None:
         async def run(relay: Any) -> None:
-            await relay.store.set_sender_status(args.seller_id, args.address, status)
+            await relay.store.set_sender_status(args.seller_id, args.address, status,
+                                                max_approved=s.auth.max_approved_senders)
             _out(args, {"seller_id": args.seller_id, "address": args.address, "status": status},
                  f"{args.address} is now {status} for seller {args.seller_id}")
         await _with_relay(s, run)
     return cmd
+
+
+async def cmd_sender_delete(s: config.Settings, args: argparse.Namespace) -> None:
+    async def run(relay: Any) -> None:
+        await relay.store.delete_sender(args.seller_id, args.address)
+        _out(args, {"seller_id": args.seller_id, "address": args.address, "deleted": True},
+             f"{args.address} deleted from seller {args.seller_id}")
+    await _with_relay(s, run)
 
 
 async def cmd_buyer_add(s: config.Settings, args: argparse.Namespace) -> None:
@@ -152,19 +185,55 @@ async def cmd_alias_key_rotate(s: config.Settings, args: argparse.Namespace) -> 
          f"alias key {ring.current} is now current; older keys keep resolving")
 
 
+def _queue_row(relay: Any, r: dict[str, Any]) -> dict[str, Any]:
+    r = dict(r)
+    if r.get("last_error"):
+        r["last_error"] = relay.redactor.text(r["last_error"])
+    return r
+
+
 async def cmd_queue_list(s: config.Settings, args: argparse.Namespace) -> None:
     async def run(relay: Any) -> None:
-        rows = await list_items(relay.sessions, include_done=args.all)
-        lines = [f"{'ID':15} {'STATUS':7} {'ATTEMPTS':>8} {'NEXT ATTEMPT':25} LAST ERROR"]
+        rows = [_queue_row(relay, r) for r in await list_items(relay.sessions, include_done=args.all)]
+        lines = [f"{'ID':15} {'KIND':10} {'STATUS':7} {'ATTEMPTS':>8} {'NEXT ATTEMPT':25} LAST ERROR"]
         for r in rows:
-            lines.append(f"{r['id']:15} {r['status']:7} {r['attempts']:>8} {_iso(r['next_attempt_at']):25} "
-                         f"{relay.redactor.text(r['last_error'] or '-')}")
-        if not args.json:
-            for r in rows:
-                if r["last_error"]:
-                    r["last_error"] = relay.redactor.text(r["last_error"])
+            lines.append(f"{r['id']:15} {r['kind']:10} {r['status']:7} {r['attempts']:>8} "
+                         f"{_iso(r['next_attempt_at']):25} {r['last_error'] or '-'}")
         _out(args, rows, "\n".join(lines) if rows else "the queue is empty")
     await _with_relay(s, run)
+
+
+async def cmd_queue_show(s: config.Settings, args: argparse.Namespace) -> None:
+    async def run(relay: Any) -> None:
+        found = await get_item(relay.sessions, args.queue_id)
+        if found is None:
+            raise CommandError(f"no queue item {args.queue_id}")
+        item, rcpts = found
+        data = {"id": item.id, "kind": item.kind, "status": item.status, "attempts": item.attempts,
+                "errors": item.errors, "created_at": item.created_at, "next_attempt_at": item.next_attempt_at,
+                "size": item.size, "delay_notified": item.delay_notified,
+                "last_error": relay.redactor.text(item.last_error or "") or None,
+                "recipients": [{"alias": r.alias, "status": r.status,
+                                "last_error": relay.redactor.text(r.last_error or "") or None} for r in rcpts]}
+        lines = [f"{k}: {_iso(v) if k.endswith('_at') else v}" for k, v in data.items() if k != "recipients"]
+        lines += [f"recipient {r['alias']}: {r['status']} {r['last_error'] or ''}".rstrip()
+                  for r in data["recipients"]]
+        _out(args, data, "\n".join(lines))
+    await _with_relay(s, run)
+
+
+def _queue_action(action: str) -> Callable[[config.Settings, argparse.Namespace], Awaitable[None]]:
+    async def cmd(s: config.Settings, args: argparse.Namespace) -> None:
+        async def run(relay: Any) -> None:
+            queue_id = getattr(args, "queue_id", None)
+            changed = await queue_admin(relay.sessions, action, queue_id)
+            if queue_id and not changed:
+                raise CommandError(f"{action}: no {'held ' if action == 'release' else ''}queue item {queue_id}"
+                                   + ("" if action in ("delete", "release") else " waiting in the queue"))
+            _out(args, {"action": action, "queue_id": queue_id, "changed": changed},
+                 f"{action}: {changed} item{'s' if changed != 1 else ''}")
+        await _with_relay(s, run)
+    return cmd
 
 
 async def cmd_demo(s: config.Settings, args: argparse.Namespace) -> None:
@@ -234,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = cmd(sender, action, _sender_set(status), f"mark an address {status}")
         sp.add_argument("seller_id")
         sp.add_argument("address")
+    sp = cmd(sender, "delete", cmd_sender_delete, "delete a pending address (approved and blocked ones "
+             "can only be switched between the two)")
+    sp.add_argument("seller_id")
+    sp.add_argument("address")
 
     buyer = sub.add_parser("buyer", help="manage buyers").add_subparsers(dest="action", required=True)
     sp = cmd(buyer, "add", cmd_buyer_add, "add a buyer")
@@ -262,12 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("buyer_id")
     sp.add_argument("--revoke", action="store_true", help="revoke both aliases of the pair")
 
+    dk = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(dest="action", required=True)
+    sp = cmd(dk, "keygen", cmd_dkim_keygen, "write a new DKIM key into the state directory and print its TXT record")
+    sp.add_argument("--selector", help="default: [dkim] selector")
+    sp.add_argument("--algorithm", choices=("rsa", "ed25519"), help="default: [dkim] algorithm")
+    sp.add_argument("--force", action="store_true", help="replace an existing key of that selector")
+
     ak = sub.add_parser("alias-key", help="alias keys").add_subparsers(dest="action", required=True)
     cmd(ak, "rotate", cmd_alias_key_rotate, "add a new alias key and make it current")
 
     queue = sub.add_parser("queue", help="the delivery queue").add_subparsers(dest="action", required=True)
     sp = cmd(queue, "list", cmd_queue_list, "what is waiting, with attempts, next attempt and last error")
     sp.add_argument("--all", action="store_true", help="include delivered items")
+    sp = cmd(queue, "show", cmd_queue_show, "one item, with each recipient's state")
+    sp.add_argument("queue_id")
+    for action, text in (("retry", "make an item due now"), ("hold", "stop delivering an item until released"),
+                         ("release", "put a held item back in the queue, due now"),
+                         ("delete", "remove an item for good (no bounce)")):
+        sp = cmd(queue, action, _queue_action(action), text)
+        sp.add_argument("queue_id")
+    cmd(queue, "flush", _queue_action("flush"), "make everything in the queue due now")
+    cli_marketplace.register(sub, cmd)
     return p
 
 

@@ -1,8 +1,11 @@
 """Delivery: workers take due queue items and hand them to the configured target.
 
-A target answers per recipient: delivered, failed (permanent: 5xx) or deferred
-(temporary: 4xx, refused or lost connection, timeout).  The worker records the
-outcome per recipient, so only the deferred ones are tried again.
+A target answers per recipient: delivered, failed (permanent: 5xx, null MX,
+NXDOMAIN) or deferred (temporary: 4xx, refused or lost connection, timeout,
+SERVFAIL).  The worker records the outcome per recipient, so only the deferred
+ones are tried again, on the Postfix-like schedule of ``retry``; failures and
+expiry turn into a DSN to the approved sender (``notify``) in the same
+transaction.  Every message leaves DKIM-signed for the alias domain.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
-from . import log
-from .queue import Claimed, claim, record_attempt
+from . import log, mx
+from .dkim import DkimSigner
+from .headers import split_message
+from .notify import Failure, may_notify, notice_rows
+from .queue import Claimed, claim, record_attempt, record_error
+from .retry import backoff, delay_notice_due, enhanced_status, expired
 
 
 @dataclass
@@ -30,6 +37,11 @@ class Result:
     delivered: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)      # address -> reply text
     deferred: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, other: "Result") -> None:
+        self.delivered += other.delivered
+        self.failed.update(other.failed)
+        self.deferred.update(other.deferred)
 
 
 class Target(Protocol):
@@ -76,8 +88,33 @@ class MaildirTarget:
             os.close(dfd)
 
 
+class _Temporary(Exception):
+    pass
+
+
+async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+    """One transaction on a connected client, translated into per-recipient outcomes."""
+    result = Result()
+    try:
+        errors, _ = await client.sendmail(envelope_from, list(recipients), body)
+        for rcpt in recipients:
+            if rcpt in errors:
+                code, text = errors[rcpt].code, errors[rcpt].message
+                (result.failed if code >= 500 else result.deferred)[rcpt] = f"{code} {text}"
+            else:
+                result.delivered.append(rcpt)
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        for err in exc.recipients:
+            (result.failed if err.code >= 500 else result.deferred)[err.recipient] = f"{err.code} {err.message}"
+    except aiosmtplib.SMTPResponseException as exc:
+        target = result.failed if 500 <= exc.code < 600 else result.deferred
+        for rcpt in recipients:
+            target[rcpt] = f"{exc.code} {exc.message}"
+    return result
+
+
 class SmarthostTarget:
-    """Relay through one downstream SMTP server (host:port, STARTTLS, AUTH)."""
+    """Relay through one downstream SMTP server (host:port, STARTTLS, AUTH), reusing connections."""
 
     def __init__(self, settings: Settings) -> None:
         d = settings.delivery
@@ -86,57 +123,122 @@ class SmarthostTarget:
         self.user, self.password = d.smarthost_user, d.smarthost_password
         self.timeout = d.timeout
         self.helo = settings.smtp.hostname
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._max_idle = max(1, min(d.workers, 8))
 
-    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
-        result = Result()
+    async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(hostname=self.host, port=self.port, local_hostname=self.helo,
                                  timeout=self.timeout, start_tls=False, use_tls=False)
+        await client.connect()
+        if self.tls != "off":
+            await client.ehlo()
+            if client.supports_extension("starttls"):
+                await client.starttls(validate_certs=False)
+            elif self.tls == "required":
+                client.close()
+                raise _Temporary("451 4.7.4 the smarthost does not offer STARTTLS")
+        if self.user:
+            await client.login(self.user, self.password)
+        return client
+
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+        client: aiosmtplib.SMTP | None = None
         try:
-            await client.connect()
-            if self.tls != "off":
-                await client.ehlo()
-                if client.supports_extension("starttls"):
-                    await client.starttls(validate_certs=False)
-                elif self.tls == "required":
-                    raise _Temporary("451 4.7.4 the smarthost does not offer STARTTLS")
-            if self.user:
-                await client.login(self.user, self.password)
-            errors, _ = await client.sendmail(envelope_from, list(recipients), body)
-            for rcpt in recipients:
-                if rcpt in errors:
-                    code, text = errors[rcpt].code, errors[rcpt].message
-                    (result.failed if code >= 500 else result.deferred)[rcpt] = f"{code} {text}"
-                else:
-                    result.delivered.append(rcpt)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            for err in exc.recipients:
-                (result.failed if err.code >= 500 else result.deferred)[err.recipient] = f"{err.code} {err.message}"
-        except aiosmtplib.SMTPResponseException as exc:
-            target = result.failed if 500 <= exc.code < 600 else result.deferred
-            for rcpt in recipients:
-                target[rcpt] = f"{exc.code} {exc.message}"
-        except _Temporary as exc:
-            for rcpt in recipients:
-                result.deferred[rcpt] = str(exc)
-        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            for rcpt in recipients:
-                result.deferred[rcpt] = f"451 4.4.1 connection to the smarthost failed: {type(exc).__name__}"
-        finally:
-            if client.is_connected:
+            while self._idle and client is None:
+                candidate = self._idle.pop()
                 try:
-                    await client.quit()
-                except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                    client.close()
+                    await candidate.rset()          # still alive and in a clean state?
+                    client = candidate
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    candidate.close()
+            if client is None:
+                client = await self._connect()
+            result = await smtp_send(client, envelope_from, recipients, body)
+        except _Temporary as exc:
+            return Result(deferred={r: str(exc) for r in recipients})
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            if client is not None:
+                client.close()
+            return Result(deferred={r: f"451 4.4.1 connection to the smarthost failed: {type(exc).__name__}"
+                                    for r in recipients})
+        if client.is_connected and len(self._idle) < self._max_idle:
+            self._idle.append(client)
+        elif client.is_connected:
+            client.close()
         return result
 
+    async def close(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                client.close()
 
-class _Temporary(Exception):
-    pass
+
+class MxTarget:
+    """Direct delivery: MX lookup per recipient domain, opportunistic STARTTLS."""
+
+    def __init__(self, settings: Settings, resolver: object) -> None:
+        self.resolver = resolver
+        self.port = settings.delivery.mx_port
+        self.timeout = settings.delivery.timeout
+        self.helo = settings.smtp.hostname
+
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+        by_domain: dict[str, list[str]] = defaultdict(list)
+        for rcpt in recipients:
+            by_domain[rcpt.rpartition("@")[2].lower()].append(rcpt)
+        result = Result()
+        for domain, rcpts in by_domain.items():
+            result.merge(await self._send_domain(domain, envelope_from, rcpts, body))
+        return result
+
+    async def _send_domain(self, domain: str, envelope_from: str, rcpts: list[str], body: bytes) -> Result:
+        try:
+            hosts = await mx.resolve_targets(self.resolver, domain)
+        except mx.PermanentDnsFailure as exc:
+            text = "550 5.1.10 the recipient domain accepts no mail (null MX)" if exc.status == "5.1.10" \
+                else f"550 {exc.status} the recipient domain does not exist"
+            return Result(failed={r: text for r in rcpts})
+        except mx.TemporaryDnsFailure as exc:
+            return Result(deferred={r: f"451 {exc.status} DNS lookup for the recipient domain failed"
+                                    for r in rcpts})
+        last = "451 4.4.1 no mail server of the recipient domain answered"
+        for host, _pref in hosts:
+            try:
+                addresses = await mx.addresses(self.resolver, host)
+            except mx.DnsFailure:
+                continue
+            for address in addresses:
+                client = aiosmtplib.SMTP(hostname=address, port=self.port, local_hostname=self.helo,
+                                         timeout=self.timeout, start_tls=False, use_tls=False)
+                try:
+                    await client.connect()
+                    await client.ehlo()
+                    if client.supports_extension("starttls"):
+                        try:
+                            await client.starttls(validate_certs=False)
+                        except (aiosmtplib.SMTPException, OSError):
+                            client.close()
+                            continue
+                    result = await smtp_send(client, envelope_from, rcpts, body)
+                    try:
+                        await client.quit()
+                    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                        client.close()
+                    return result
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                    client.close()
+                    last = f"451 4.4.1 connection to a mail server of the recipient domain failed: {type(exc).__name__}"
+        return Result(deferred={r: last for r in rcpts})
 
 
-def make_target(settings: Settings) -> Target:
+def make_target(settings: Settings, resolver: object = None) -> Target:
     if settings.delivery.mode == "smarthost":
         return SmarthostTarget(settings)
+    if settings.delivery.mode == "mx":
+        return MxTarget(settings, resolver)
     return MaildirTarget(Path(settings.delivery.maildir))
 
 
@@ -144,14 +246,14 @@ class Deliverer:
     """Claims due items and delivers them, at most ``workers`` at a time."""
 
     def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], target: Target,
-                 wakeup: asyncio.Event) -> None:
+                 wakeup: asyncio.Event, signer: DkimSigner | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
         self.target = target
         self.wakeup = wakeup
+        self.signer = signer
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.log = log.get()
-        self._slots = asyncio.Semaphore(settings.delivery.workers)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -166,6 +268,9 @@ class Deliverer:
             await self._task
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=grace)
+        close = getattr(self.target, "close", None)
+        if close is not None:
+            await close()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -186,29 +291,92 @@ class Deliverer:
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), self.settings.delivery.poll_interval)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
 
+    def sign(self, body: bytes) -> bytes:
+        if self.signer is None:
+            return body
+        header_block, rest = split_message(body)
+        return self.signer.sign(header_block, rest) + body
+
     async def _deliver(self, item: Claimed) -> None:
-        addresses = [address for _, address, _ in item.recipients]
+        q = self.settings.queue
         try:
-            result = await self.target.send(item.envelope_from, addresses, item.body)
+            addresses = [address for _, address, _ in item.recipients]
+            if not addresses:
+                raise ValueError("queue item without pending recipients")
+            body = self.sign(item.body)
+        except Exception as exc:
+            await self._poison(item, exc)
+            return
+        try:
+            result = await self.target.send(item.envelope_from, addresses, body)
         except Exception as exc:
             self.log.error("delivery.error", queue_id=item.id, error_type=type(exc).__name__)
             result = Result(deferred={a: "451 4.3.0 local delivery error" for a in addresses})
+        now = time.time()
         by_address = {address: rid for rid, address, _ in item.recipients}
         aliases = {address: alias for _, address, alias in item.recipients}
-        retry_at = time.time() + self.settings.queue.min_backoff
-        status = await record_attempt(
-            self.sessions, item, self.owner,
-            delivered=[by_address[a] for a in result.delivered],
-            failed={by_address[a]: t for a, t in result.failed.items()},
-            deferred={by_address[a]: t for a, t in result.deferred.items()},
-            retry_at=retry_at)
+        statuses = {a: enhanced_status(t, permanent=True) for a, t in result.failed.items()}
+        if result.deferred and expired(item.created_at, now, q):
+            for a, text in result.deferred.items():
+                result.failed[a] = f"{text} (gave up after {q.max_lifetime} seconds in the queue)"
+                statuses[a] = "4.4.7"     # RFC 3463: delivery time expired
+            result.deferred = {}
+        notify = may_notify(item.kind, item.envelope_from, item.origin_sender)
+        notices = []
+        if notify and result.failed:
+            failures = [Failure(a, aliases[a], statuses[a], t) for a, t in result.failed.items()]
+            notices.append(self._notice(item, failures, now))
+        delay_notice = notify and bool(result.deferred) and delay_notice_due(
+            item.created_at, now, item.delay_notified, q)
+        if delay_notice:
+            failures = [Failure(a, aliases[a], enhanced_status(t, False), t, "delayed")
+                        for a, t in result.deferred.items()]
+            notices.append(self._notice(item, failures, now, retry_until=item.created_at + q.max_lifetime))
+        retry_at = now + backoff(item.attempts + 1, q)
+        try:
+            status = await record_attempt(
+                self.sessions, item, self.owner,
+                delivered=[by_address[a] for a in result.delivered],
+                failed={by_address[a]: t for a, t in result.failed.items()},
+                deferred={by_address[a]: t for a, t in result.deferred.items()},
+                retry_at=retry_at, notices=notices, delay_notified=delay_notice)
+        except Exception as exc:
+            # The outcome could not be stored: the lease expires and the item is tried again
+            # (a duplicate is possible; a loss is not).
+            self.log.error("store.error", stage="record", queue_id=item.id, error_type=type(exc).__name__)
+            return
+        if notices:
+            self.wakeup.set()
         for a in result.delivered:
-            self.log.info("delivery.delivered", queue_id=item.id, alias=aliases[a], attempt=item.attempts + 1)
+            self.log.info("delivery.delivered", queue_id=item.id, kind=item.kind, alias=aliases[a],
+                          attempt=item.attempts + 1)
         for a, text in result.failed.items():
-            self.log.warning("delivery.failed", queue_id=item.id, alias=aliases[a], reply=text)
+            self.log.warning("delivery.failed", queue_id=item.id, kind=item.kind, alias=aliases[a], reply=text,
+                             bounced=notify)
         for a, text in result.deferred.items():
-            self.log.info("delivery.deferred", queue_id=item.id, alias=aliases[a], reply=text,
-                          next_attempt_in=self.settings.queue.min_backoff, status=status)
+            self.log.info("delivery.deferred", queue_id=item.id, kind=item.kind, alias=aliases[a], reply=text,
+                          attempt=item.attempts + 1, next_attempt_in=round(retry_at - now), status=status,
+                          delay_notice=delay_notice)
+
+    def _notice(self, item: Claimed, failures: list[Failure], now: float, retry_until: float | None = None):  # type: ignore[no-untyped-def]
+        assert item.origin_sender is not None
+        return notice_rows(hostname=self.settings.smtp.hostname, alias_domain=self.settings.aliases.domain,
+                           origin_sender=item.origin_sender, original=item.body, created_at=item.created_at,
+                           now=now, failures=failures, retry_until=retry_until,
+                           real_to_alias={address: alias for _, address, alias in item.recipients})
+
+    async def _poison(self, item: Claimed, exc: Exception) -> None:
+        q = self.settings.queue
+        retry_at = time.time() + backoff(1, q)
+        try:
+            status = await record_error(self.sessions, item, self.owner, f"processing error: {type(exc).__name__}",
+                                        retry_at, q.max_errors)
+        except Exception as store_exc:
+            self.log.error("store.error", stage="record", queue_id=item.id, error_type=type(store_exc).__name__)
+            return
+        event = "queue.held" if status == "hold" else "delivery.error"
+        self.log.error(event, queue_id=item.id, error_type=type(exc).__name__, status=status)
+

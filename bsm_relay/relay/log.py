@@ -24,7 +24,7 @@ EVENTS = frozenset({
     "smtp.connected", "smtp.disconnected", "smtp.rejected", "smtp.error",
     "message.accepted",
     "delivery.delivered", "delivery.deferred", "delivery.failed", "delivery.error",
-    "store.error",
+    "queue.held", "bounce.received", "bounce.ignored", "store.error", "auth.disabled",
 })
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.-]+\.?", re.ASCII)

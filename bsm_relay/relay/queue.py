@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
+from .models import QueueItem, QueueRecipient
 
 
 def new_queue_id() -> str:
@@ -47,6 +47,7 @@ class Claimed:
     attempts: int
     created_at: float
     recipients: tuple[tuple[int, str, str], ...]          # (row id, real address, alias)
+    delay_notified: bool = False
 
 
 class Enqueuer:
@@ -128,13 +129,15 @@ async def claim(sessions: async_sessionmaker[AsyncSession], owner: str, limit: i
     for r in rcpts:
         by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
     return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                    tuple(by_item.get(i.id, ()))) for i in items]
+                    tuple(by_item.get(i.id, ())), i.delay_notified) for i in items]
 
 
 async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str,
                          delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
-                         retry_at: float) -> str:
-    """Store the outcome of one delivery attempt, per recipient. Returns the item's new status."""
+                         retry_at: float, notices: Sequence[tuple[QueueItem, QueueRecipient]] = (),
+                         delay_notified: bool = False) -> str:
+    """Store the outcome of one delivery attempt, per recipient, with any notices it caused,
+    in one transaction. Returns the item's new status (queued while anything is deferred)."""
     async with sessions.begin() as s:
         if delivered:
             await s.execute(update(QueueRecipient).where(QueueRecipient.id.in_(delivered))
@@ -147,18 +150,89 @@ async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claim
                             .values(last_error=error))
         status = "queued" if deferred else "done"
         last_error = next(iter(deferred.values()), None) or next(iter(failed.values()), None)
-        await s.execute(
-            update(QueueItem)
-            .where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
-            .values(status=status, attempts=QueueItem.attempts + 1, next_attempt_at=retry_at,
-                    body=QueueItem.body if deferred else b"",
-                    lease_owner=None, lease_until=None, last_error=last_error))
+        values: dict[str, Any] = dict(status=status, attempts=QueueItem.attempts + 1, next_attempt_at=retry_at,
+                                      lease_owner=None, lease_until=None, last_error=last_error)
+        if delay_notified:
+            values["delay_notified"] = True
+        if status == "done":
+            # Keep only the header block: enough for trace and for a late bounce's DSN.
+            values["body"] = item.body[:_header_end(item.body)]
+        await s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
+                        .values(**values))
+        for notice, rcpt in notices:
+            s.add(notice)
+            await s.flush()
+            s.add(rcpt)
     return status
+
+
+def _header_end(body: bytes) -> int:
+    end = body.find(b"\r\n\r\n")
+    return len(body) if end < 0 else end + 2
+
+
+async def record_error(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str, error: str,
+                       retry_at: float, max_errors: int) -> str:
+    """Processing failed (a bug or a broken row, not a delivery failure): count it, hold at the limit."""
+    async with sessions.begin() as s:
+        errors = (await s.execute(select(QueueItem.errors).where(QueueItem.id == item.id))).scalar_one() + 1
+        status = "hold" if errors >= max_errors else "queued"
+        await s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
+                        .values(errors=errors, status=status, next_attempt_at=retry_at, lease_owner=None,
+                                lease_until=None, last_error=error))
+    return status
+
+
+async def add_notice(sessions: async_sessionmaker[AsyncSession], notice: QueueItem, rcpt: QueueRecipient,
+                     fail_recipients_of: str | None = None, error: str | None = None) -> None:
+    """Queue a notice; optionally mark every recipient of another item failed (inbound bounce)."""
+    async with sessions.begin() as s:
+        if fail_recipients_of:
+            await s.execute(update(QueueRecipient).where(QueueRecipient.queue_id == fail_recipients_of)
+                            .values(status="failed", last_error=error))
+        s.add(notice)
+        await s.flush()
+        s.add(rcpt)
+
+
+async def get_item(sessions: async_sessionmaker[AsyncSession], queue_id: str) -> tuple[QueueItem, list[QueueRecipient]] | None:
+    async with sessions() as s:
+        item = await s.get(QueueItem, queue_id)
+        if item is None:
+            return None
+        rcpts = list((await s.execute(select(QueueRecipient).where(QueueRecipient.queue_id == queue_id)
+                                      .order_by(QueueRecipient.id))).scalars())
+        return item, rcpts
+
+
+async def admin(sessions: async_sessionmaker[AsyncSession], action: str, queue_id: str | None = None,
+                now: float | None = None) -> int:
+    """Operator actions: retry (due now), hold, release (back to queued, errors reset), delete,
+    flush (everything queued is due now). Returns the number of items changed."""
+    now = time.time() if now is None else now
+    async with sessions.begin() as s:
+        one = QueueItem.id == queue_id
+        if action == "retry":
+            stmt = update(QueueItem).where(one, QueueItem.status == "queued").values(next_attempt_at=now)
+        elif action == "flush":
+            stmt = update(QueueItem).where(QueueItem.status == "queued").values(next_attempt_at=now)
+        elif action == "hold":
+            stmt = update(QueueItem).where(one, QueueItem.status == "queued").values(status="hold")
+        elif action == "release":
+            stmt = update(QueueItem).where(one, QueueItem.status == "hold").values(
+                status="queued", errors=0, next_attempt_at=now, lease_owner=None, lease_until=None)
+        elif action == "delete":
+            await s.execute(delete(QueueRecipient).where(QueueRecipient.queue_id == queue_id))
+            stmt = delete(QueueItem).where(one)
+        else:
+            raise ValueError(action)
+        res = await s.execute(stmt)
+        return res.rowcount or 0
 
 
 async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: bool = False) -> list[dict[str, Any]]:
     async with sessions() as s:
-        stmt = select(QueueItem.id, QueueItem.kind, QueueItem.status, QueueItem.attempts,
+        stmt = select(QueueItem.id, QueueItem.kind, QueueItem.status, QueueItem.attempts, QueueItem.errors,
                       QueueItem.next_attempt_at, QueueItem.created_at, QueueItem.last_error, QueueItem.size)
         if not include_done:
             stmt = stmt.where(QueueItem.status != "done")
@@ -168,7 +242,7 @@ async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: b
     by_item: dict[str, list[dict[str, str]]] = {}
     for qid, alias, status in rcpts:
         by_item.setdefault(qid, []).append({"alias": alias, "status": status})
-    return [{"id": r.id, "kind": r.kind, "status": r.status, "attempts": r.attempts,
+    return [{"id": r.id, "kind": r.kind, "status": r.status, "attempts": r.attempts, "errors": r.errors,
              "next_attempt_at": r.next_attempt_at, "created_at": r.created_at, "size": r.size,
              "last_error": r.last_error, "recipients": by_item.get(r.id, [])} for r in rows]
 
@@ -180,5 +254,5 @@ async def purge_done(sessions: async_sessionmaker[AsyncSession], older_than: flo
         return res.rowcount or 0
 
 
-__all__ = ["Accepted", "Claimed", "Enqueuer", "StorageError", "claim", "record_attempt", "list_items",
-           "new_queue_id", "purge_done", "MessageLog", "ThreadId"]
+__all__ = ["Accepted", "Claimed", "Enqueuer", "StorageError", "claim", "record_attempt", "record_error",
+           "add_notice", "get_item", "admin", "list_items", "new_queue_id", "purge_done"]

@@ -10,11 +10,15 @@ import asyncio
 import signal
 from pathlib import Path
 
+import dns.resolver
+
 from ..aliases import keys as keyring
 from ..config.settings import Settings
 from . import db, log
 from .context import Relay
 from .delivery import Deliverer, make_target
+from .dkim import DkimSigner
+from .dns import make_resolver
 from .queue import Enqueuer
 from .smtpd import protocol_factory
 from .store import Store
@@ -37,18 +41,43 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
         await engine.dispose()
         raise StartupError("the database schema is not current; run 'bsm-relay init' first")
     sessions = db.sessionmaker(engine)
+    try:
+        resolver = make_resolver(settings.dns.nameservers, settings.dns.timeout)
+    except dns.resolver.NoResolverConfiguration:
+        await engine.dispose()
+        raise StartupError("no DNS resolver: the system has none configured; set [dns] nameservers") from None
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
                  store=Store(sessions), enqueuer=Enqueuer(sessions), redactor=redactor,
-                 bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain))
+                 bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
+                 resolver=resolver)
+
+
+def load_signer(settings: Settings) -> DkimSigner:
+    path = dkim_key_path(settings)
+    try:
+        return DkimSigner.load(path, settings.aliases.domain, settings.dkim.selector)
+    except FileNotFoundError:
+        raise StartupError(f"no DKIM key at {path}; run 'bsm-relay init' or 'bsm-relay dkim keygen'") from None
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"the DKIM key {path} is unusable: {exc}") from None
+
+
+def dkim_key_path(settings: Settings) -> Path:
+    return Path(settings.state_dir) / "dkim" / f"{settings.dkim.selector}.pem"
 
 
 async def serve(settings: Settings, grace: float = 30.0) -> None:
     relay = await open_relay(settings)
     log.configure(settings.logging.format, settings.logging.level, relay.redactor)
     logger = log.get()
+    if settings.auth.sender_authentication == "none":
+        # Loud on purpose: in this mode anyone who can reach the port can write as any approved address.
+        logger.warning("auth.disabled", sender_authentication="none",
+                       detail="SPF/DKIM are not checked; only run this behind a trusted hop that verifies senders")
     loop = asyncio.get_running_loop()
     relay.enqueuer.start()
-    deliverer = Deliverer(settings, relay.sessions, make_target(settings), relay.enqueuer.wakeup)
+    deliverer = Deliverer(settings, relay.sessions, make_target(settings, relay.resolver), relay.enqueuer.wakeup,
+                          signer=load_signer(settings))
     deliverer.start()
     host, port = settings.listen_host_port
     server = await loop.create_server(protocol_factory(relay), host, port, reuse_address=True)

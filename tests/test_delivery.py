@@ -1,0 +1,287 @@
+"""The queue and delivery side, in process, against a real scripted SMTP sink on loopback.
+
+Each test builds a throwaway SQLite database through the migrations, queues rows the
+way intake does, and runs real ``Deliverer`` workers against a real downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email
+import email.policy
+import time
+from pathlib import Path
+
+import dkim
+import pytest
+
+from bsm_relay.config.settings import DeliverySettings, QueueSettings, Settings, SmtpSettings, StorageSettings
+from bsm_relay.relay import db
+from bsm_relay.relay.delivery import Deliverer, SmarthostTarget
+from bsm_relay.relay.dkim import DkimSigner, generate_key
+from bsm_relay.relay.models import QueueItem, QueueRecipient
+from bsm_relay.relay.queue import list_items
+from helpers import Sink
+
+SELLER = "seller@acme.example"
+BUYERS = ["bea@buyers.example", "bob@buyers.example", "cat@buyers.example"]
+ALIASES = ["tok1@marketplace.example", "tok2@marketplace.example", "tok3@marketplace.example"]
+
+
+@pytest.fixture
+def sink():
+    with Sink() as s:
+        yield s
+
+
+def settings_for(tmp_path: Path, sink: Sink, **queue: int) -> Settings:
+    q = dict(min_backoff=1, max_backoff=1, max_lifetime=3600, delay_warning=0, lease=60, max_errors=3)
+    q.update(queue)
+    return Settings(
+        smtp=SmtpSettings(hostname="mx.relay.test"),
+        storage=StorageSettings(state_dir=str(tmp_path)),
+        delivery=DeliverySettings(mode="smarthost", smarthost=f"127.0.0.1:{sink.port}", smarthost_tls="off",
+                                  poll_interval=0.05, workers=8),
+        queue=QueueSettings(**q))
+
+
+@pytest.fixture
+async def sessions(tmp_path):
+    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
+    await db.migrate(engine)
+    yield db.sessionmaker(engine)
+    await engine.dispose()
+
+
+def body(tag: str, to: str = BUYERS[0]) -> bytes:
+    return (f"From: \"Acme via Marketplace\" <{ALIASES[0]}>\r\nTo: {to}\r\nSubject: test {tag}\r\n"
+            f"Message-ID: <{tag}@marketplace.example>\r\nX-Test: {tag}\r\n\r\nbody {tag}\r\n").encode()
+
+
+async def enqueue(sessions, qid: str, recipients: list[tuple[str, str]], *, kind: str = "forward",
+                  envelope_from: str = "b-x@marketplace.example", origin: str | None = SELLER,
+                  created_at: float | None = None, data: bytes | None = None) -> None:
+    now = time.time()
+    async with sessions.begin() as s:
+        s.add(QueueItem(id=qid, kind=kind, envelope_from=envelope_from, origin_sender=origin,
+                        body=data if data is not None else body(qid, recipients[0][0] if recipients else ""),
+                        size=100, created_at=created_at or now, next_attempt_at=now, attempts=0, status="queued"))
+        await s.flush()
+        for address, alias in recipients:
+            s.add(QueueRecipient(queue_id=qid, address=address, alias=alias, status="pending"))
+
+
+async def run_until(settings, sessions, condition, *, workers: int = 1, signer=None, timeout: float = 20.0):
+    """Run delivery workers until ``condition()`` (an async predicate) holds."""
+    wakeup = asyncio.Event()
+    deliverers = [Deliverer(settings, sessions, SmarthostTarget(settings), wakeup, signer) for _ in range(workers)]
+    for d in deliverers:
+        d.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not await condition():
+            assert time.monotonic() < deadline, "condition not reached"
+            await asyncio.sleep(0.05)
+    finally:
+        for d in deliverers:
+            await d.stop()
+    return deliverers
+
+
+async def item(sessions, qid: str) -> dict:
+    rows = {r["id"]: r for r in await list_items(sessions, include_done=True)}
+    return rows[qid]
+
+
+def dsns(sink: Sink):
+    return [m for m in sink.messages if m.mail_from in ("", "<>")]
+
+
+def parse(data: bytes):
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+async def test_4xx_is_retried_with_backoff_then_delivered(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    answers = iter(["451 4.3.0 try again later"])
+    sink.handler.rcpt_reply = lambda rcpt: next(answers, None)
+    await enqueue(sessions, "qretry", [(BUYERS[0], ALIASES[0])])
+
+    async def delivered():
+        return len(sink.messages) == 1
+    await run_until(settings, sessions, delivered)
+    row = await item(sessions, "qretry")
+    assert row["status"] == "done" and row["attempts"] == 2
+    assert sink.messages[0].rcpt_tos == [BUYERS[0]]
+    assert dsns(sink) == []
+
+
+async def test_5xx_bounces_once_in_aliases(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    sink.handler.rcpt_reply = lambda rcpt: (f"550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
+                                            if rcpt == BUYERS[0] else None)
+    await enqueue(sessions, "qbounce", [(BUYERS[0], ALIASES[0])])
+
+    async def bounced():
+        return len(dsns(sink)) == 1
+    await run_until(settings, sessions, bounced)
+    await asyncio.sleep(0.3)   # no second DSN, no retry
+    assert len(dsns(sink)) == 1 and len(sink.messages) == 1
+    dsn = dsns(sink)[0]
+    assert dsn.rcpt_tos == [SELLER]
+    raw = dsn.data
+    assert b"bea@buyers.example" not in raw.lower() and b"bea@" not in raw.lower()
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    status = parts[1].as_string()
+    assert f"Final-Recipient: rfc822; {ALIASES[0]}" in status or f"Final-Recipient: rfc822;{ALIASES[0]}" in status
+    assert "Action: failed" in status and "Status: 5.1.1" in status and "Reporting-MTA: dns; mx.relay.test" in status
+    row = await item(sessions, "qbounce")
+    assert row["status"] == "done" and row["recipients"] == [{"alias": ALIASES[0], "status": "failed"}]
+
+
+async def test_partial_recipients_only_the_deferred_one_is_retried(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    seen: list[str] = []
+
+    def rcpt_reply(rcpt):
+        seen.append(rcpt)
+        if rcpt == BUYERS[2] and seen.count(rcpt) == 1:
+            return "452 4.2.2 mailbox full, try later"
+        return None
+    sink.handler.rcpt_reply = rcpt_reply
+    await enqueue(sessions, "qpartial", list(zip(BUYERS, ALIASES, strict=True)))
+
+    async def all_delivered():
+        return len(sink.messages) == 2
+    await run_until(settings, sessions, all_delivered)
+    first, second = sink.messages
+    assert sorted(first.rcpt_tos) == sorted(BUYERS[:2])
+    assert second.rcpt_tos == [BUYERS[2]]           # no re-send to the two accepted ones
+    row = await item(sessions, "qpartial")
+    assert row["status"] == "done" and {r["status"] for r in row["recipients"]} == {"delivered"}
+
+
+async def test_partial_permanent_failure_bounces_only_that_alias(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    sink.handler.rcpt_reply = lambda rcpt: "550 5.7.1 refused" if rcpt == BUYERS[1] else None
+    await enqueue(sessions, "qpart5", list(zip(BUYERS, ALIASES, strict=True)))
+
+    async def done():
+        return len(dsns(sink)) == 1 and len(sink.messages) == 2
+    await run_until(settings, sessions, done)
+    delivered = [m for m in sink.messages if m.mail_from not in ("", "<>")][0]
+    assert sorted(delivered.rcpt_tos) == sorted([BUYERS[0], BUYERS[2]])
+    raw = dsns(sink)[0].data
+    status = list(parse(raw).iter_parts())[1].as_string()
+    assert ALIASES[1] in status and ALIASES[0] not in status and ALIASES[2] not in status
+    for real in BUYERS:   # not even the recipients that were delivered
+        assert real.encode() not in raw
+
+
+async def test_expiry_with_a_compressed_clock_bounces_with_4_4_7(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink, max_lifetime=100)
+    sink.handler.rcpt_reply = lambda rcpt: "451 4.3.0 still broken" if rcpt == BUYERS[0] else None
+    # Queued 101 seconds ago: the next failed attempt is past the lifetime.
+    await enqueue(sessions, "qexpire", [(BUYERS[0], ALIASES[0])], created_at=time.time() - 101)
+
+    async def bounced():
+        return len(dsns(sink)) == 1
+    await run_until(settings, sessions, bounced)
+    msg = parse(dsns(sink)[0].data)
+    status = list(msg.iter_parts())[1].as_string()
+    assert "Action: failed" in status and "Status: 4.4.7" in status
+    row = await item(sessions, "qexpire")
+    assert row["status"] == "done" and row["recipients"][0]["status"] == "failed"
+
+
+async def test_delay_notice_is_sent_once(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink, delay_warning=50)
+    sink.handler.rcpt_reply = lambda rcpt: "451 4.3.0 busy" if rcpt == BUYERS[0] else None
+    await enqueue(sessions, "qdelay", [(BUYERS[0], ALIASES[0])], created_at=time.time() - 60)
+
+    async def three_attempts():
+        return (await item(sessions, "qdelay"))["attempts"] >= 3
+    await run_until(settings, sessions, three_attempts)
+    notices = dsns(sink)
+    assert len(notices) == 1
+    msg = parse(notices[0].data)
+    assert "Delayed" in msg["Subject"]
+    assert "Action: delayed" in list(msg.iter_parts())[1].as_string()
+    assert (await item(sessions, "qdelay"))["status"] == "queued"
+
+
+@pytest.mark.parametrize("kind,envelope_from,origin", [
+    ("notice", "", None),                                 # a bounce never bounces
+    ("postmaster", "someone@outside.example", None),      # unverified sender: no backscatter
+    ("forward", "", SELLER),                              # null envelope sender
+])
+async def test_no_bounce_without_a_verified_sender(tmp_path, sink, sessions, kind, envelope_from, origin):
+    settings = settings_for(tmp_path, sink)
+    sink.handler.rcpt_reply = lambda rcpt: "550 5.1.1 unknown"
+    await enqueue(sessions, "qnobounce", [(BUYERS[0], ALIASES[0])], kind=kind, envelope_from=envelope_from,
+                  origin=origin)
+
+    async def failed():
+        return (await item(sessions, "qnobounce"))["status"] == "done"
+    await run_until(settings, sessions, failed)
+    await asyncio.sleep(0.3)
+    assert sink.messages == []
+    assert [r["id"] for r in await list_items(sessions)] == []
+
+
+async def test_poison_item_is_held_after_three_tries_while_others_flow(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    await enqueue(sessions, "qpoison", [])            # a broken row: no recipients at all
+    for i in range(5):
+        await enqueue(sessions, f"qgood{i}", [(BUYERS[0], ALIASES[0])])
+
+    async def held():
+        return (await item(sessions, "qpoison"))["status"] == "hold" and len(sink.messages) == 5
+    await run_until(settings, sessions, held)
+    row = await item(sessions, "qpoison")
+    assert row["errors"] == 3 and "processing error" in row["last_error"]
+
+
+async def test_two_workers_never_attempt_the_same_item(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    settings = dataclasses.replace(settings, delivery=dataclasses.replace(settings.delivery, workers=4))
+    n = 300
+    for i in range(n):
+        await enqueue(sessions, f"qrace{i:03d}", [(BUYERS[i % 3], ALIASES[i % 3])])
+
+    async def all_done():
+        return len(sink.messages) >= n and not await list_items(sessions)
+    await run_until(settings, sessions, all_done, workers=2, timeout=60)
+    await asyncio.sleep(0.3)
+    tags = [parse(m.data)["X-Test"] for m in sink.messages]
+    assert len(tags) == n and len(set(tags)) == n
+    rows = await list_items(sessions, include_done=True)
+    assert all(r["attempts"] == 1 for r in rows)
+
+
+async def test_outbound_mail_is_dkim_signed_and_verifies(tmp_path, sink, sessions):
+    settings = settings_for(tmp_path, sink)
+    for algorithm, selector in (("rsa", "r1"), ("ed25519", "e1")):
+        path, txt = generate_key(tmp_path, selector, algorithm)
+        signer = DkimSigner.load(path, "marketplace.example", selector)
+        qid = f"qdkim{selector}"
+        await enqueue(sessions, qid, [(BUYERS[0], ALIASES[0])])
+        count = len(sink.messages)
+
+        async def delivered(count=count):
+            return len(sink.messages) == count + 1
+        await run_until(settings, sessions, delivered, signer=signer)
+        raw = sink.messages[-1].data
+        assert raw.startswith(b"DKIM-Signature:")
+
+        def dnsfunc(name, timeout=5, txt=txt, selector=selector):
+            assert name.decode().rstrip(".") == f"{selector}._domainkey.marketplace.example"
+            return txt.encode()
+        assert dkim.verify(raw, dnsfunc=dnsfunc)
+        assert not dkim.verify(raw.replace(b"body qdkim", b"body QDKIM"), dnsfunc=dnsfunc)
