@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email
-import email.policy
 import time
-from pathlib import Path
 
 import dkim
 import pytest
-
-from bsm_relay.config.settings import DeliverySettings, QueueSettings, Settings, SmtpSettings, StorageSettings
-from bsm_relay.relay import db
-from bsm_relay.relay.delivery import Deliverer, SmarthostTarget
-from bsm_relay.relay.dkim import DkimSigner, generate_key
-from bsm_relay.relay.models import QueueItem, QueueRecipient
-from bsm_relay.relay.queue import list_items
+from delivery_harness import ALIASES, BUYERS, SELLER, dsns, enqueue, item, parse, run_until, sessions, settings_for  # noqa: F401
 from helpers import Sink
 
-SELLER = "seller@acme.example"
-BUYERS = ["bea@buyers.example", "bob@buyers.example", "cat@buyers.example"]
-ALIASES = ["tok1@marketplace.example", "tok2@marketplace.example", "tok3@marketplace.example"]
+from bsm_relay.relay.dkim import DkimSigner, generate_key
+from bsm_relay.relay.queue import list_items
 
 
 @pytest.fixture
@@ -35,75 +25,8 @@ def sink():
         yield s
 
 
-def settings_for(tmp_path: Path, sink: Sink, **queue: int) -> Settings:
-    q = dict(min_backoff=1, max_backoff=1, max_lifetime=3600, delay_warning=0, lease=60, max_errors=3)
-    q.update(queue)
-    return Settings(
-        smtp=SmtpSettings(hostname="mx.relay.test"),
-        storage=StorageSettings(state_dir=str(tmp_path)),
-        delivery=DeliverySettings(mode="smarthost", smarthost=f"127.0.0.1:{sink.port}", smarthost_tls="off",
-                                  poll_interval=0.05, workers=8),
-        queue=QueueSettings(**q))
-
-
-@pytest.fixture
-async def sessions(tmp_path):
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
-    await db.migrate(engine)
-    yield db.sessionmaker(engine)
-    await engine.dispose()
-
-
-def body(tag: str, to: str = BUYERS[0]) -> bytes:
-    return (f"From: \"Acme via Marketplace\" <{ALIASES[0]}>\r\nTo: {to}\r\nSubject: test {tag}\r\n"
-            f"Message-ID: <{tag}@marketplace.example>\r\nX-Test: {tag}\r\n\r\nbody {tag}\r\n").encode()
-
-
-async def enqueue(sessions, qid: str, recipients: list[tuple[str, str]], *, kind: str = "forward",
-                  envelope_from: str = "b-x@marketplace.example", origin: str | None = SELLER,
-                  created_at: float | None = None, data: bytes | None = None) -> None:
-    now = time.time()
-    async with sessions.begin() as s:
-        s.add(QueueItem(id=qid, kind=kind, envelope_from=envelope_from, origin_sender=origin,
-                        body=data if data is not None else body(qid, recipients[0][0] if recipients else ""),
-                        size=100, created_at=created_at or now, next_attempt_at=now, attempts=0, status="queued"))
-        await s.flush()
-        for address, alias in recipients:
-            s.add(QueueRecipient(queue_id=qid, address=address, alias=alias, status="pending"))
-
-
-async def run_until(settings, sessions, condition, *, workers: int = 1, signer=None, timeout: float = 20.0):
-    """Run delivery workers until ``condition()`` (an async predicate) holds."""
-    wakeup = asyncio.Event()
-    deliverers = [Deliverer(settings, sessions, SmarthostTarget(settings), wakeup, signer) for _ in range(workers)]
-    for d in deliverers:
-        d.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not await condition():
-            assert time.monotonic() < deadline, "condition not reached"
-            await asyncio.sleep(0.05)
-    finally:
-        for d in deliverers:
-            await d.stop()
-    return deliverers
-
-
-async def item(sessions, qid: str) -> dict:
-    rows = {r["id"]: r for r in await list_items(sessions, include_done=True)}
-    return rows[qid]
-
-
-def dsns(sink: Sink):
-    return [m for m in sink.messages if m.mail_from in ("", "<>")]
-
-
-def parse(data: bytes):
-    return email.message_from_bytes(data, policy=email.policy.default)
-
-
 async def test_4xx_is_retried_with_backoff_then_delivered(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     answers = iter(["451 4.3.0 try again later"])
     sink.handler.rcpt_reply = lambda rcpt: next(answers, None)
     await enqueue(sessions, "qretry", [(BUYERS[0], ALIASES[0])])
@@ -118,7 +41,7 @@ async def test_4xx_is_retried_with_backoff_then_delivered(tmp_path, sink, sessio
 
 
 async def test_5xx_bounces_once_in_aliases(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     sink.handler.rcpt_reply = lambda rcpt: (f"550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
                                             if rcpt == BUYERS[0] else None)
     await enqueue(sessions, "qbounce", [(BUYERS[0], ALIASES[0])])
@@ -146,7 +69,7 @@ async def test_5xx_bounces_once_in_aliases(tmp_path, sink, sessions):
 
 
 async def test_partial_recipients_only_the_deferred_one_is_retried(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     seen: list[str] = []
 
     def rcpt_reply(rcpt):
@@ -168,7 +91,7 @@ async def test_partial_recipients_only_the_deferred_one_is_retried(tmp_path, sin
 
 
 async def test_partial_permanent_failure_bounces_only_that_alias(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     sink.handler.rcpt_reply = lambda rcpt: "550 5.7.1 refused" if rcpt == BUYERS[1] else None
     await enqueue(sessions, "qpart5", list(zip(BUYERS, ALIASES, strict=True)))
 
@@ -185,7 +108,7 @@ async def test_partial_permanent_failure_bounces_only_that_alias(tmp_path, sink,
 
 
 async def test_expiry_with_a_compressed_clock_bounces_with_4_4_7(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink, max_lifetime=100)
+    settings = settings_for(tmp_path, sink.port, max_lifetime=100)
     sink.handler.rcpt_reply = lambda rcpt: "451 4.3.0 still broken" if rcpt == BUYERS[0] else None
     # Queued 101 seconds ago: the next failed attempt is past the lifetime.
     await enqueue(sessions, "qexpire", [(BUYERS[0], ALIASES[0])], created_at=time.time() - 101)
@@ -201,7 +124,7 @@ async def test_expiry_with_a_compressed_clock_bounces_with_4_4_7(tmp_path, sink,
 
 
 async def test_delay_notice_is_sent_once(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink, delay_warning=50)
+    settings = settings_for(tmp_path, sink.port, delay_warning=50)
     sink.handler.rcpt_reply = lambda rcpt: "451 4.3.0 busy" if rcpt == BUYERS[0] else None
     await enqueue(sessions, "qdelay", [(BUYERS[0], ALIASES[0])], created_at=time.time() - 60)
 
@@ -222,7 +145,7 @@ async def test_delay_notice_is_sent_once(tmp_path, sink, sessions):
     ("forward", "", SELLER),                              # null envelope sender
 ])
 async def test_no_bounce_without_a_verified_sender(tmp_path, sink, sessions, kind, envelope_from, origin):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     sink.handler.rcpt_reply = lambda rcpt: "550 5.1.1 unknown"
     await enqueue(sessions, "qnobounce", [(BUYERS[0], ALIASES[0])], kind=kind, envelope_from=envelope_from,
                   origin=origin)
@@ -236,7 +159,7 @@ async def test_no_bounce_without_a_verified_sender(tmp_path, sink, sessions, kin
 
 
 async def test_poison_item_is_held_after_three_tries_while_others_flow(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     await enqueue(sessions, "qpoison", [])            # a broken row: no recipients at all
     for i in range(5):
         await enqueue(sessions, f"qgood{i}", [(BUYERS[0], ALIASES[0])])
@@ -249,7 +172,7 @@ async def test_poison_item_is_held_after_three_tries_while_others_flow(tmp_path,
 
 
 async def test_two_workers_never_attempt_the_same_item(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     settings = dataclasses.replace(settings, delivery=dataclasses.replace(settings.delivery, workers=4))
     n = 300
     for i in range(n):
@@ -266,7 +189,7 @@ async def test_two_workers_never_attempt_the_same_item(tmp_path, sink, sessions)
 
 
 async def test_outbound_mail_is_dkim_signed_and_verifies(tmp_path, sink, sessions):
-    settings = settings_for(tmp_path, sink)
+    settings = settings_for(tmp_path, sink.port)
     for algorithm, selector in (("rsa", "r1"), ("ed25519", "e1")):
         path, txt = generate_key(tmp_path, selector, algorithm)
         signer = DkimSigner.load(path, "marketplace.example", selector)
