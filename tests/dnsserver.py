@@ -18,6 +18,9 @@ and the retry over TCP, NXDOMAIN against NODATA, SERVFAIL, slow and lost answers
     ...
     server.stop()
 
+``spf_fallback`` answers the TXT query of any host name the zone has no TXT for
+(never a ``_domainkey``/``_dmarc`` name), so made-up test domains all publish SPF.
+
 Fault injection is per name (or per ``(name, type)``): ``servfail`` and ``drop``
 are sets, ``delay`` maps to seconds.  A delayed answer is scheduled on the loop, so
 other queries keep being answered meanwhile.  The zone, the fault sets and the
@@ -159,8 +162,12 @@ class DnsServer:
         delay: dict[Any, float] | None = None,
         drop: Iterable[Any] = (),
         host: str = "127.0.0.1",
+        spf_fallback: str | None = None,
     ) -> None:
         self.zone = Zone(zone)
+        # The TXT answer for any host name (no "_" label) without TXT records in the zone,
+        # e.g. "v=spf1 ip4:127.0.0.0/8 -all": every domain a test makes up gets an SPF record.
+        self.spf_fallback = spf_fallback
         self.servfail = _NormSet(servfail)
         self.delay = _NormDict(delay)
         self.drop = _NormSet(drop)
@@ -327,6 +334,9 @@ class DnsServer:
             seen.add(owner)
             response.answer.append(self._rrset(owner, "CNAME", target[:1]))
             owner = _norm_name(target[0])
+        if not values and rdtype == "TXT" and self.spf_fallback and not response.answer \
+                and not any(label.startswith("_") for label in owner.split(".")):
+            values = [self.spf_fallback]
         if values:
             response.answer.append(self._rrset(owner, rdtype, values))
         elif not response.answer and not self.zone.name_exists(owner):

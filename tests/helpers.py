@@ -4,10 +4,17 @@ The relay is started the way an operator starts it: ``bsm-relay init`` then
 ``bsm-relay serve --config FILE`` in a subprocess; the downstream is a real
 aiosmtpd server on loopback that records what it received (and can be scripted
 to refuse).
+
+Sender authentication is on (``[auth] sender_authentication = "dmarc"``, the
+default), so the relay's resolver points at a real DNS responder
+(``tests/dnsserver.py``): by default one shared per test process whose every made-up
+domain publishes ``v=spf1 ip4:127.0.0.0/8 -all`` (mail from loopback passes SPF);
+a test that needs its own records passes ``dns=`` and stops that server itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import smtplib
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from dnsserver import DnsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bsm-relay"
@@ -147,7 +155,26 @@ class RelayProcess:
         return client
 
 
-def write_config(workdir: Path, port: int, extra: str = "", *, sink_port: int | None = None) -> Path:
+LOOPBACK_SPF = "v=spf1 ip4:127.0.0.0/8 -all"
+_shared_dns: DnsServer | None = None
+_shared_dns_lock = threading.Lock()
+
+
+def shared_dns() -> DnsServer:
+    """The test process's DNS responder (started on first use, stopped when the process ends)."""
+    global _shared_dns
+    with _shared_dns_lock:
+        if _shared_dns is None:
+            server = DnsServer(spf_fallback=LOOPBACK_SPF)
+            server.start_in_thread()
+            atexit.register(server.stop)
+            _shared_dns = server
+        return _shared_dns
+
+
+def write_config(workdir: Path, port: int, extra: str = "", *, sink_port: int | None = None,
+                 nameserver: str | None = None, dns_timeout: float = 3.0) -> Path:
+    dns = f'\n[dns]\nnameservers = ["{nameserver}"]\ntimeout = {dns_timeout}\n' if nameserver else ""
     delivery = (f'mode = "smarthost"\nsmarthost = "127.0.0.1:{sink_port}"\nsmarthost_tls = "off"\n'
                 if sink_port else f'mode = "maildir"\nmaildir = "{workdir / "maildir"}"\n')
     text = f"""
@@ -174,16 +201,21 @@ max_backoff = 2
 [logging]
 format = "json"
 level = "info"
-{extra}
+{dns}{extra}
 """
     path = workdir / "relay.toml"
     path.write_text(text)
     return path
 
 
-def make_relay(workdir: Path, *, sink_port: int | None = None, extra: str = "") -> RelayProcess:
+def make_relay(workdir: Path, *, sink_port: int | None = None, extra: str = "",
+               dns: DnsServer | None = None, dns_timeout: float = 3.0) -> RelayProcess:
+    """A relay ready to ``start()``: configured, initialised, its resolver on ``dns``
+    (default: :func:`shared_dns`).  ``extra`` must not hold a ``[dns]`` table."""
     port = free_port()
-    config = write_config(workdir, port, extra, sink_port=sink_port)
+    server = dns if dns is not None else shared_dns()
+    config = write_config(workdir, port, extra, sink_port=sink_port, nameserver=server.nameserver,
+                          dns_timeout=dns_timeout)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BSM_RELAY_")}
     relay = RelayProcess(workdir, port, config, env)
     relay.cli("init")

@@ -79,6 +79,10 @@ REASONS: dict[str, Reason] = {
         "provider directly"),
     "auth.temperror": Reason(
         451, "4.7.5", "Could not verify the sender's SPF or DKIM records right now; try again later"),
+    # -- connections (PROXY protocol) -------------------------------------------
+    # Logged, never sent: with [smtp] proxy_protocol on, a peer that is not a trusted proxy is
+    # disconnected before the greeting (a PROXY client must not be spoken to first).
+    "proxy.untrusted": Reason(421, "4.7.0", "Connections are accepted only through the configured proxies"),
     # -- content and protocol --------------------------------------------------
     "msg.bad_line_ending": Reason(
         550, "5.6.0", "Message refused: bare CR, bare LF or NUL characters are not allowed in mail"),

@@ -1,9 +1,10 @@
-"""What every stage of a running relay shares: settings, store, codec, queue."""
+"""What every stage of a running relay shares: settings, store, codec, queue, resolver."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dns.asyncresolver
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ..aliases.codec import AliasCodec, Direction
@@ -26,6 +27,8 @@ class Relay:
     enqueuer: Enqueuer
     redactor: Redactor
     bounces: BounceAddressCodec
+    # One async resolver for every lookup (SPF, DKIM keys), on [dns] nameservers and timeout.
+    resolver: dns.asyncresolver.Resolver
 
     def bounce_address(self, queue_id: str) -> str:
         """The signed envelope sender a forwarded message leaves with (VERP style)."""

@@ -3,11 +3,13 @@
 The thin middle of the pipeline.  It parses only the header block, gathers the
 facts policy needs (sender status, the pair), asks ``policy`` for a decision,
 has ``rewrite`` build the outgoing header block, and hands the rows to the queue's
-group commit.  The body is never parsed here; it passes through as bytes.
+group commit.  The body is never parsed here: ``marketplace.check`` (the policy
+stage) alone reads it, and hands back the message to forward, masked if it must be.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from datetime import UTC, datetime
 from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
 from ..policy.decision import ACCEPT, Decision, refuse
+from ..policy.facts import Order as PolicyOrder
+from . import auth, marketplace
 from .context import Relay
 from .headers import (
     AmbiguousFrom,
@@ -67,6 +71,13 @@ class Transaction:
     mail_from: str
     recipients: list[Recipient]
     content: bytes
+    client_ip: str = ""               # what SPF judges: the TCP peer, or the source a trusted proxy gave
+    helo: str = ""
+    # Set by the send / review-request commands: the contact reason and the order are known
+    # without reading the message, and the seller was authenticated by the marketplace (local).
+    contact_reason: str | None = None
+    order_hint: PolicyOrder | None = None
+    local: bool = False
 
 
 def _bad_line_endings(content: bytes) -> bool:
@@ -99,17 +110,32 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
             return Outcome(refuse("from.missing"))
         except AmbiguousFrom:
             return Outcome(refuse("from.ambiguous"))
+        # Approval decides first, authenticity second (looked up here, applied in the loop): the
+        # approval's sentence (approve or unblock this address) is the one the sender can act on,
+        # and an unknown address is still recorded as pending for the seller to review.  A message
+        # from an approved address that is not authentic is then refused as auth.failed.
+        authentic, auth_results = await _authenticate(relay, tx, sender.address)
         for rcpt in aliased:
             decision = await _approve(relay, rcpt, sender.address)
+            decision = decision if not decision.accepted else authentic
             if not decision.accepted:
                 await _log_refusal(relay, tx, rcpt, decision)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
                                 parse_msg_ids(_first(headers, "References")))
+        verdicts: list[marketplace.PolicyOutcome] = []
         for rcpt in aliased:
-            qid, rows = await _forward(relay, tx, rcpt, sender.address, tx.content, now,
-                                       original_ids[0] if original_ids else None, thread_ids)
+            verdict = await marketplace.check(relay, tx, rcpt, headers, body, sender.address, thread_ids,
+                                              tx.contact_reason, tx.order_hint)
+            if not verdict.decision.accepted:
+                await _log_refusal(relay, tx, rcpt, verdict.decision, **verdict.log_fields)
+                return Outcome(verdict.decision, log={"alias": rcpt.address, **_ids(rcpt), **verdict.log_fields})
+            verdicts.append(verdict)
+        for rcpt, verdict in zip(aliased, verdicts):
+            qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
+                                       original_ids[0] if original_ids else None, thread_ids,
+                                       auth_results=auth_results, **verdict.log_fields)
             queue_ids.append(qid)
             acc.items.append(rows[0])
             acc.recipients.append(rows[1])
@@ -154,12 +180,38 @@ async def _approve(relay: Relay, rcpt: Recipient, address: str) -> Decision:
     return senders.buyer_sender(address, rcpt.buyer.email)
 
 
-async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision: Decision) -> None:
+async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[Decision, str | None]:
+    """Is the From authentic (SPF or DKIM passing, aligned with its domain)?
+
+    The decision, and the ``Authentication-Results`` value for the forwarded message
+    (None when ``[auth] sender_authentication = "none"``, or for a message the relay's own
+    commands composed (``tx.local``, no SMTP client to check): nothing was checked).
+    """
+    if relay.settings.auth.sender_authentication == "none" or tx.local:
+        return ACCEPT, None
+    domain = address.rpartition("@")[2].rstrip(".").lower()
+    result = await auth.check_sender(resolver=relay.resolver, client_ip=tx.client_ip, helo=tx.helo,
+                                     mail_from=tx.mail_from, from_domain=domain, message=tx.content)
+    if result.reason == "auth.failed":
+        decision = refuse("auth.failed", address=address, domain=domain)
+    else:
+        decision = refuse(result.reason) if result.reason else ACCEPT
+    # The reader must not learn the writer's domain either (it is half of a real address), so the
+    # header records what was checked and the results, without the domains they were checked for.
+    anonymous = dataclasses.replace(result, spf_domain="", from_domain="",
+                                    dkim=tuple(("", outcome) for _, outcome in result.dkim))
+    return decision, anonymous.authentication_results(relay.settings.smtp.hostname)
+
+
+async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision: Decision,
+                       order_ext_id: str | None = None, contact_reason: str | None = None,
+                       proactive: bool = False) -> None:
     assert rcpt.ref is not None
     await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[MessageLog(
         at=time.time(), session_id=tx.session_id, queue_id=None, direction=int(rcpt.ref.direction),
         seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id, decision="refused",
-        reason=decision.reason, size=len(tx.content))]))
+        reason=decision.reason, size=len(tx.content), order_ext_id=order_ext_id,
+        contact_reason=contact_reason, proactive=proactive)]))
 
 
 def mint_message_id(domain: str) -> str:
@@ -167,7 +219,9 @@ def mint_message_id(domain: str) -> str:
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
-                   now: float, original_id: str | None, thread_ids: ThreadRefs) -> tuple[str, list[object]]:
+                   now: float, original_id: str | None, thread_ids: ThreadRefs, *,
+                   auth_results: str | None = None, order_ext_id: str | None = None,
+                   contact_reason: str | None = None, proactive: bool = False) -> tuple[str, list[object]]:
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     settings = relay.settings
     ref = rcpt.ref
@@ -192,7 +246,8 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
         message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
-        extra=[], date_if_missing=_rfc5322_date(now))
+        extra=[("Authentication-Results", auth_results)] if auth_results else [],
+        date_if_missing=_rfc5322_date(now))
     body = render(content, plan)
     item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
                      origin_sender=sender, body=body, size=len(body), created_at=now, next_attempt_at=now,
@@ -202,7 +257,8 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
                       buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)
     log = MessageLog(at=now, session_id=tx.session_id, queue_id=qid, direction=int(ref.direction),
                      seller_id=ref.seller_id, buyer_id=ref.buyer_id, decision="accepted", reason=None,
-                     size=len(content), message_id=minted)
+                     size=len(content), message_id=minted, order_ext_id=order_ext_id,
+                     contact_reason=contact_reason, proactive=proactive)
     return qid, [item, recipient, thread, log]
 
 

@@ -9,10 +9,12 @@ no internals, never aiosmtpd's default ``500 Error: (SomeException)``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import secrets
 from typing import Any
 
+from aiosmtpd.proxy_protocol import AF, ProxyData
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ..aliases.routing import Kind, route
@@ -24,16 +26,33 @@ from .queue import StorageError
 _RCPT_ARG = re.compile(r"TO:\s*<([^<>]*)>\s*(.*)", re.IGNORECASE | re.ASCII)
 _RCPT_BARE = re.compile(r"TO:\s*(\S+)\s*(.*)", re.IGNORECASE | re.ASCII)
 
+# Seconds a trusted proxy has to send its PROXY header after connecting.
+PROXY_TIMEOUT = 10.0
+
 
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with a strict, cheap RCPT parser and per-session limits."""
 
     def __init__(self, relay: Relay, handler: Handler, **kwargs: Any) -> None:
         settings = relay.settings.smtp
+        if settings.proxy_protocol:
+            # aiosmtpd then reads a PROXY v1/v2 header before the greeting and asks handle_PROXY.
+            kwargs.setdefault("proxy_protocol_timeout", PROXY_TIMEOUT)
         super().__init__(handler, hostname=settings.hostname, data_size_limit=settings.max_message_size,
                          timeout=settings.timeout, ident="bsm-relay", **kwargs)
         self.relay = relay
         self.bad_recipients = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None  # not the TLS layer of a STARTTLS
+        super().connection_made(transport)
+        assert self.session is not None
+        if first and self.relay.settings.smtp.proxy_protocol \
+                and not self.event_handler.trusted_proxy(self.session.peer):
+            # Only a configured proxy may connect when PROXY is expected: anyone else is cut off
+            # before a byte is read (handle_PROXY checks again, should this ever be skipped).
+            self.event_handler.proxy_refused(self.session)
+            transport.close()
 
     def _create_session(self) -> Session:
         session = super()._create_session()
@@ -72,6 +91,23 @@ class Handler:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.log = log.get()
+        self.trusted_proxies = [ipaddress.ip_network(entry.strip(), strict=False)
+                                for entry in relay.settings.smtp.trusted_proxies]
+
+    def trusted_proxy(self, peer: Any) -> bool:
+        ip = _ip(peer[0] if isinstance(peer, tuple) else "")
+        return ip is not None and any(ip in network for network in self.trusted_proxies)
+
+    def proxy_refused(self, session: Session) -> None:
+        self.log.warning("smtp.rejected", stage="proxy", reason="proxy.untrusted",
+                         session=getattr(session, "id", None), peer=_peer_ip(session))
+
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData) -> bool:
+        # aiosmtpd calls this only for a well-formed header; False closes the connection.
+        if not self.trusted_proxy(session.peer):
+            self.proxy_refused(session)
+            return False
+        return True
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -123,7 +159,8 @@ class Handler:
         if not content.endswith(b"\r\n"):
             content += b"\r\n"
         tx = intake.Transaction(session_id=getattr(session, "id", ""), mail_from=envelope.mail_from or "",
-                                recipients=list(getattr(envelope, "bsm_recipients", [])), content=content)
+                                recipients=list(getattr(envelope, "bsm_recipients", [])), content=content,
+                                client_ip=_client_ip(session), helo=session.host_name or "")
         try:
             outcome = await intake.process(self.relay, tx)
         except StorageError:
@@ -143,6 +180,37 @@ class Handler:
             raise error
         self.log.error("smtp.error", error_type=type(error).__name__, exc_info=error)
         return reply("local.error")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as the relay compares it: an IPv4-mapped IPv6 peer counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    ip = _ip(str(peer[0])) if isinstance(peer, tuple) and peer else None
+    return str(ip) if ip is not None else ""
+
+
+def _client_ip(session: Session) -> str:
+    """The address SPF judges: the proxied source behind a trusted PROXY header, else the TCP peer.
+
+    A v1 UNKNOWN or v2 LOCAL header (the proxy's own health check) carries no source;
+    the connection is then the proxy's own.
+    """
+    proxy: ProxyData | None = session.proxy_data
+    if proxy and proxy.src_addr is not None and proxy.family in (AF.INET, AF.INET6):
+        ip = _ip(str(proxy.src_addr))
+        if ip is not None:
+            return str(ip)
+    return _peer_ip(session)
 
 
 def protocol_factory(relay: Relay) -> Any:

@@ -9,12 +9,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..policy.senders import SenderStatus
-from .models import Buyer, Order, RevokedAlias, Seller, SellerAddress, ThreadId
+from .models import Buyer, MessageLog, Order, RevokedAlias, Seller, SellerAddress, ThreadId
 
 ORDER_STATUSES = ("pending", "unshipped", "shipped", "delivered", "canceled")
 ADDRESS_STATUSES = ("approved", "pending", "blocked")
@@ -99,9 +99,15 @@ class Store:
                 s.add(SellerAddress(seller_id=seller_id, address=address, status="pending",
                                     first_seen=now, last_seen=now, attempts=1, updated_at=now))
 
-    async def set_sender_status(self, seller_ext_id: str, address: str, status: str) -> None:
-        if status not in ADDRESS_STATUSES:
-            raise StoreError(f"status must be one of {', '.join(ADDRESS_STATUSES)}")
+    async def set_sender_status(self, seller_ext_id: str, address: str, status: str, *,
+                                max_approved: int = 0) -> None:
+        """Approve or block an address (new or known); ``max_approved`` > 0 caps approved addresses.
+
+        Only the seller decides ``approved``/``blocked``; ``pending`` is what the relay records
+        for an unknown address that tried to send, so it cannot be set by hand.
+        """
+        if status not in ("approved", "blocked"):
+            raise StoreError("an address can only be approved or blocked (pending is set by the relay)")
         seller = await self.require_seller(seller_ext_id)
         address = normalize_address(address)
         if "@" not in address:
@@ -110,6 +116,16 @@ class Store:
             raise StoreError("the primary address is always approved")
         now = time.time()
         async with self.sessions.begin() as s:
+            if status == "approved" and max_approved > 0:
+                # Checked in the same transaction as the change; re-approving an approved address is free.
+                others = (await s.execute(select(func.count()).select_from(SellerAddress).where(
+                    SellerAddress.seller_id == seller.id, SellerAddress.status == "approved",
+                    func.lower(SellerAddress.address) != address.lower()))).scalar_one()
+                if others >= max_approved:
+                    raise StoreError(
+                        f"seller {seller_ext_id} already has {others} approved addresses besides the primary "
+                        f"address, the limit ([auth] max_approved_senders = {max_approved}); block one "
+                        "of them first")
             updated = await s.execute(
                 update(SellerAddress)
                 .where(SellerAddress.seller_id == seller.id,
@@ -118,6 +134,26 @@ class Store:
             if updated.rowcount == 0:
                 s.add(SellerAddress(seller_id=seller.id, address=address, status=status,
                                     first_seen=None, last_seen=None, attempts=0, updated_at=now))
+
+    async def delete_sender(self, seller_ext_id: str, address: str) -> None:
+        """Forget a pending address.  Approved and blocked ones stay: a decision the seller made
+        is only ever switched (approve <-> block), so a blocked address cannot come back as new."""
+        seller = await self.require_seller(seller_ext_id)
+        address = normalize_address(address)
+        if address.lower() == seller.email.lower():
+            raise StoreError("the primary address is always approved and cannot be deleted")
+        match = (SellerAddress.seller_id == seller.id, func.lower(SellerAddress.address) == address.lower())
+        async with self.sessions.begin() as s:
+            deleted = await s.execute(delete(SellerAddress).where(*match, SellerAddress.status == "pending"))
+            if deleted.rowcount:
+                return
+            status = (await s.execute(select(SellerAddress.status).where(*match))).scalar_one_or_none()
+        if status is None:
+            raise StoreError(f"seller {seller_ext_id} has no address {address}")
+        other, verb = ("blocked", "block") if status == "approved" else ("approved", "approve")
+        raise StoreError(
+            f"{address} is {status} and cannot be deleted: only pending addresses can be deleted. "
+            f"Switch it to {other} instead (bsm-relay sender {verb} {seller_ext_id} {address})")
 
     async def list_senders(self, seller_ext_id: str, status: str | None = None) -> list[dict[str, object]]:
         seller = await self.require_seller(seller_ext_id)
@@ -241,6 +277,46 @@ class Store:
                 ThreadId.minted.in_(minted_ids), ThreadId.seller_id == seller_id,
                 ThreadId.buyer_id == buyer_id).order_by(ThreadId.created_at).limit(1))).first()
         return row[0] if row else None
+
+    # -- marketplace rules --------------------------------------------------------------
+    # The facts policy/rules.py asks for, read per message by relay/marketplace.py and by
+    # the send / review-request / reasons commands.
+    async def order(self, ext_id: str) -> Order | None:
+        async with self.sessions() as s:
+            return (await s.execute(select(Order).where(Order.ext_id == ext_id))).scalar_one_or_none()
+
+    async def seller_addresses(self, seller_id: int) -> list[str]:
+        """Every address recorded for a seller, whatever its status (masked out of bodies)."""
+        async with self.sessions() as s:
+            rows = await s.execute(select(SellerAddress.address).where(SellerAddress.seller_id == seller_id))
+            return [r[0] for r in rows]
+
+    async def proactive_count_since(self, seller_id: int, since: float) -> int:
+        """Seller-started messages accepted since ``since`` (the volume cap's count)."""
+        async with self.sessions() as s:
+            stmt = select(func.count()).select_from(MessageLog).where(
+                MessageLog.seller_id == seller_id, MessageLog.at >= since,
+                MessageLog.proactive.is_(True), MessageLog.decision == "accepted")
+            return int((await s.execute(stmt)).scalar_one())
+
+    async def seller_orders_since(self, seller_id: int, since: float) -> int:
+        async with self.sessions() as s:
+            stmt = select(func.count()).select_from(Order).where(
+                Order.seller_id == seller_id, Order.placed_at >= since)
+            return int((await s.execute(stmt)).scalar_one())
+
+    async def claim_review_request(self, ext_id: str, at: float) -> bool:
+        """Mark the order's review request as sent, unless it already was (one per order)."""
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(Order).where(
+                Order.ext_id == ext_id, Order.review_requested_at.is_(None)).values(review_requested_at=at))
+            return bool(res.rowcount)
+
+    async def release_review_request(self, ext_id: str, at: float) -> None:
+        """Undo :meth:`claim_review_request` when the request was not sent after all."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(Order).where(
+                Order.ext_id == ext_id, Order.review_requested_at == at).values(review_requested_at=None))
 
 
 def _seller(row: Seller) -> SellerRow:

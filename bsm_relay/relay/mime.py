@@ -1,0 +1,344 @@
+"""The body's MIME structure: what policy reads (text parts, attachments) and masking.
+
+Intake never parses bodies; the marketplace stage does, through this module only.
+:func:`parse` walks the structure and records, for every leaf part, where its
+header block and its content sit in the body bytes.  :func:`rewrite_texts` then
+replaces only the content (and, if it must, the Content-Type / Content-Transfer-
+Encoding lines) of the text parts whose text changed, splicing the new bytes into
+the original ones: boundaries, preambles, every other header and every untouched
+part stay byte for byte what the sender wrote, so an attached DOCX or PDF arrives
+identical.
+
+Part headers are read by the stdlib parser (``compat32``, as mail clients read
+them); the boundary walk is done here on bytes so offsets are exact.  A structure
+deeper than :data:`MAX_DEPTH` or with more than :data:`MAX_PARTS` parts, a multipart
+without a boundary or without any part, or content that does not decode, raises
+:class:`MalformedMime` (reason ``msg.malformed``).  Pure, no I/O.
+
+The body is expected with CRLF line ends only (the SMTP stage refuses anything else).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import email.policy
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesHeaderParser
+
+from ..policy.facts import Attachment, TextPart
+
+__all__ = ["MAX_DEPTH", "MAX_PARTS", "MalformedMime", "MimeBody", "Leaf", "parse", "rewrite_texts",
+           "replace_header_lines"]
+
+MAX_DEPTH = 100
+MAX_PARTS = 500
+
+_HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
+_TEXT_TYPES = frozenset({"text/plain", "text/html"})
+_ASCII_ALIASES = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "646", "us"})
+_MAX_LINE = 998
+
+
+class MalformedMime(ValueError):
+    """The MIME structure cannot be read one way only, or is too deep or too large."""
+
+    reason = "msg.malformed"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One non-multipart part.
+
+    Offsets are in the body bytes: the part's header block is ``[header_start,
+    header_end)`` (each field with its CRLF), its content ``[body_start, end)``.  For
+    the top-level part of a single-part message the header block is the message's own
+    (``top`` is true and all three start offsets are 0).
+    """
+
+    header_start: int
+    header_end: int
+    body_start: int
+    end: int
+    headers: Message
+    content_type: str
+    cte: str
+    top: bool
+    text: TextPart | None = None          # set for text/plain and text/html parts
+    charset: str | None = None            # the codec the text was decoded with (None: unknown)
+
+
+@dataclass(frozen=True)
+class MimeBody:
+    body: bytes
+    leaves: tuple[Leaf, ...]
+    attachments: tuple[Attachment, ...]
+
+    @property
+    def text_parts(self) -> tuple[TextPart, ...]:
+        return tuple(leaf.text for leaf in self.leaves if leaf.text is not None)
+
+
+@dataclass
+class _Walk:
+    body: bytes
+    leaves: list[Leaf] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    parts: int = 0
+
+
+# -- parsing -------------------------------------------------------------------------
+
+def parse(header_block: bytes, body: bytes) -> MimeBody:
+    """Walk ``body`` whose top-level headers are ``header_block`` (as split by intake)."""
+    walk = _Walk(body)
+    _part(walk, _HEADER_PARSER.parsebytes(header_block), (0, 0, 0), len(body), 0, top=True)
+    return MimeBody(body, tuple(walk.leaves), tuple(walk.attachments))
+
+
+def _part(walk: _Walk, headers: Message, offsets: tuple[int, int, int], end: int, depth: int,
+          *, top: bool = False) -> None:
+    """One part: ``offsets`` are (header start, header end, content start)."""
+    walk.parts += 1
+    if depth > MAX_DEPTH or walk.parts > MAX_PARTS:
+        raise MalformedMime("MIME structure too deep or too large")
+    start = offsets[2]
+    ctype = headers.get_content_type()
+    if headers.get_content_maintype() == "multipart":
+        _multipart(walk, headers, start, end, depth)
+        return
+    cte = str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if ctype == "message/rfc822" and cte in ("7bit", "8bit", "binary"):
+        # A forwarded message: its text is shown to the reader, so it is read (and masked) too.
+        _child(walk, start, end, depth)
+        return
+    data = _decode_content(walk.body[start:end], cte)
+    filename = headers.get_filename()
+    disposition = headers.get_content_disposition()
+    if ctype in _TEXT_TYPES and disposition != "attachment" and not filename:
+        charset, text = _decode_text(headers, data)
+        walk.leaves.append(Leaf(*offsets, end, headers, ctype, cte, top, TextPart(ctype, text), charset))
+        return
+    walk.leaves.append(Leaf(*offsets, end, headers, ctype, cte, top))
+    walk.attachments.append(Attachment(str(filename or ""), ctype, data))
+
+
+def _child(walk: _Walk, start: int, end: int, depth: int) -> None:
+    header_end, content_start = _split_part(walk.body, start, end)
+    headers = _HEADER_PARSER.parsebytes(walk.body[start:header_end])
+    _part(walk, headers, (start, header_end, content_start), end, depth + 1)
+
+
+def _multipart(walk: _Walk, headers: Message, start: int, end: int, depth: int) -> None:
+    boundary = headers.get_boundary()
+    if not boundary:
+        raise MalformedMime("multipart without a boundary")
+    delimiter = b"--" + boundary.encode("ascii", "surrogateescape")
+    body = walk.body
+    # Delimiter lines: "--boundary" at a line start, then "--" (close) or nothing, then
+    # optional transport padding (as the stdlib parser and mail clients read them).  The
+    # CRLF before a delimiter line belongs to the delimiter, not to the part before it.
+    line_re = re.compile(re.escape(delimiter) + rb"(--)?[ \t]*(?:\r\n|$)")
+    openers: list[tuple[int, int]] = []   # (delimiter line start, content start after it)
+    close = end
+    pos = start
+    while True:
+        found = body.find(delimiter, pos, end)
+        if found < 0:
+            break
+        at_line_start = found == start or body[found - 2:found] == b"\r\n"
+        match = line_re.match(body, found, end) if at_line_start else None
+        if match is None:
+            pos = found + len(delimiter)
+            continue
+        if match.group(1) is not None:
+            close = found
+            break
+        openers.append((found, match.end()))
+        pos = match.end()
+    if not openers:
+        raise MalformedMime("multipart without any part")
+    nexts = [line for line, _ in openers[1:]] + [close]
+    for (_, content_start), next_line in zip(openers, nexts, strict=True):
+        part_end = next_line
+        if next_line != end and part_end - 2 >= content_start:
+            part_end -= 2
+        _child(walk, content_start, part_end, depth)
+
+
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:|[ \t]")
+
+
+def _split_part(body: bytes, start: int, end: int) -> tuple[int, int]:
+    """(end of the part's header block, start of its content).
+
+    Header lines are read as the stdlib parser reads them: up to an empty line (which
+    is skipped), or up to the first line that is neither a field nor a continuation
+    (which is content: a part without headers still shows its text).
+    """
+    pos = start
+    while pos < end:
+        eol = body.find(b"\r\n", pos, end)
+        line_end = end if eol < 0 else eol
+        if line_end == pos:
+            return pos, min(pos + 2, end)
+        if not _HEADER_LINE.match(body, pos, line_end):
+            return pos, pos
+        pos = end if eol < 0 else eol + 2
+    return end, end
+
+
+def _decode_content(raw: bytes, cte: str) -> bytes:
+    if cte == "base64":
+        compact = b"".join(raw.split())
+        try:
+            return binascii.a2b_base64(compact + b"=" * (-len(compact) % 4))
+        except binascii.Error:
+            raise MalformedMime("base64 content does not decode") from None
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(raw)
+    return raw
+
+
+def _codec(charset: str | None) -> str | None:
+    if not charset:
+        return None
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
+
+
+def _decode_text(headers: Message, data: bytes) -> tuple[str | None, str]:
+    """Text for policy: the declared charset; a lying or unknown one decodes with replacement."""
+    declared = headers.get_content_charset()
+    name = _codec(declared or "us-ascii")
+    if name is None:
+        return None, data.decode("utf-8", "replace")
+    if name == "ascii" and not data.isascii():
+        try:
+            return "utf-8", data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, data.decode("utf-8", "replace")
+    return name, data.decode(name, "replace")
+
+
+# -- rewriting -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rewritten:
+    body: bytes
+    # Top-level header fields to replace (name -> full new value); non-empty only when a
+    # single-part message had to change charset or transfer encoding.
+    headers: Mapping[str, str]
+    changed: bool
+
+
+def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewritten:
+    """Replace each text part for which ``new_text`` returns a different text."""
+    pieces: list[bytes] = []
+    top_headers: dict[str, str] = {}
+    pos = 0
+    changed = False
+    body = parsed.body
+    for leaf in parsed.leaves:
+        if leaf.text is None:
+            continue
+        text = new_text(leaf.text)
+        if text == leaf.text.text:
+            continue
+        changed = True
+        content, fields = _encode(leaf, text, body[leaf.body_start:leaf.end])
+        pieces.append(body[pos:leaf.header_start])
+        if leaf.top:
+            top_headers.update(fields)
+        elif fields:
+            pieces.append(replace_header_lines(body[leaf.header_start:leaf.header_end], fields))
+        else:
+            pieces.append(body[leaf.header_start:leaf.header_end])
+        pieces.append(body[leaf.header_end:leaf.body_start])
+        pieces.append(content)
+        pos = leaf.end
+    pieces.append(body[pos:])
+    return Rewritten(b"".join(pieces), top_headers, changed)
+
+
+def _encode(leaf: Leaf, text: str, original: bytes) -> tuple[bytes, dict[str, str]]:
+    """The new content bytes of a text part, and the header fields that must change."""
+    fields: dict[str, str] = {}
+    charset = leaf.charset
+    data: bytes | None = None
+    if charset is not None:
+        try:
+            data = text.encode(charset)
+        except UnicodeEncodeError:
+            data = None
+    if data is None:
+        data = text.encode("utf-8", "replace")
+        if charset != "utf-8":
+            fields["Content-Type"] = _with_charset(leaf.headers, "utf-8")
+    elif leaf.headers.get_content_charset() is None and not data.isascii():
+        fields["Content-Type"] = _with_charset(leaf.headers, charset or "utf-8")
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    cte = leaf.cte
+    if cte == "base64":
+        encoded = base64.encodebytes(b"\r\n".join(lines)).replace(b"\n", b"\r\n")
+    elif cte == "quoted-printable":
+        encoded = _qp(lines)
+    elif (data.isascii() or cte in ("8bit", "binary")) and all(len(line) <= _MAX_LINE for line in lines):
+        encoded = b"\r\n".join(lines)
+    else:
+        encoded = _qp(lines)
+        fields["Content-Transfer-Encoding"] = "quoted-printable"
+    # Keep whether the content ended with a line break: it decides the blank line
+    # before the next boundary, which the reader may see.
+    if encoded.endswith(b"\r\n"):
+        encoded = encoded[:-2]
+    if original.endswith(b"\r\n"):
+        encoded += b"\r\n"
+    return encoded, fields
+
+
+def _qp(lines: list[bytes]) -> bytes:
+    out = []
+    for line in lines:
+        # One line at a time, so the only line breaks b2a_qp writes are its soft ones.
+        out.append(binascii.b2a_qp(line, quotetabs=False, istext=False).replace(b"\n", b"\r\n"))
+    return b"\r\n".join(out)
+
+
+def _with_charset(headers: Message, charset: str) -> str:
+    copy = Message(policy=email.policy.compat32)
+    copy["Content-Type"] = headers.get("Content-Type", "text/plain")
+    copy.set_param("charset", charset, header="Content-Type")
+    return str(copy["Content-Type"])
+
+
+_FIELD_START = re.compile(rb"(?m)^(?=[!-9;-~]+:)")
+
+
+def replace_header_lines(block: bytes, fields: Mapping[str, str]) -> bytes:
+    """A header block with every occurrence of ``fields`` removed and the new values added.
+
+    ``block`` ends with the CRLF of its last field (not the blank line).  Other fields
+    keep their exact bytes.  New values must be ASCII without line breaks.
+    """
+    names = {n.lower() for n in fields}
+    kept: list[bytes] = []
+    starts = [m.start() for m in _FIELD_START.finditer(block)]
+    if starts and starts[0] != 0:
+        kept.append(block[:starts[0]])
+    for begin, stop in zip(starts, starts[1:] + [len(block)], strict=True):
+        line = block[begin:stop]
+        name = line.split(b":", 1)[0].decode("ascii").lower()
+        if name not in names:
+            kept.append(line)
+    for name, value in fields.items():
+        if re.search(r"[\r\n\x00]", value) or not value.isascii():
+            raise ValueError(f"unusable value for {name}")
+        kept.append(f"{name}: {value}\r\n".encode("ascii"))
+    return b"".join(kept)
