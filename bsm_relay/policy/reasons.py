@@ -40,6 +40,7 @@ REASONS: dict[str, Reason] = {
     "ok.sender": Reason(250, "2.1.0", "Sender OK"),
     "ok.recipient": Reason(250, "2.1.5", "Recipient OK"),
     "ok.queued": Reason(250, "2.0.0", "Message accepted for delivery as {queue_id}"),
+    "ok.bounce": Reason(250, "2.0.0", "Delivery report received"),
     # -- recipients ------------------------------------------------------------
     "rcpt.relay_denied": Reason(
         550, "5.7.1", "Relaying denied: this server only accepts mail for {domain} aliases"),

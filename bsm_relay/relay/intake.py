@@ -19,7 +19,7 @@ from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
 from ..policy.decision import ACCEPT, Decision, refuse
 from ..policy.facts import Order as PolicyOrder
-from . import auth, marketplace
+from . import auth, bounce_in, marketplace
 from .context import Relay
 from .headers import (
     AmbiguousFrom,
@@ -48,6 +48,7 @@ class Recipient:
     ref: AliasRef | None = None
     seller: SellerRow | None = None
     buyer: BuyerRow | None = None
+    bounce_of: str | None = None      # a signed bounce address: the queue item it returns
 
 
 @dataclass
@@ -98,7 +99,8 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         return Outcome(refuse("msg.loop"))
     now = time.time()
     aliased = [r for r in tx.recipients if r.ref is not None]
-    postmaster = [r for r in tx.recipients if r.ref is None]
+    postmaster = [r for r in tx.recipients if r.ref is None and r.bounce_of is None]
+    bounces = [r for r in tx.recipients if r.bounce_of is not None]
     acc = Accepted(items=[], recipients=[], extra=[])
     queue_ids: list[str] = []
     first_log: dict[str, object] = {}
@@ -153,7 +155,12 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         acc.extra.append(MessageLog(at=now, session_id=tx.session_id, queue_id=qid, decision="accepted",
                                     reason=None, size=len(tx.content)))
         queue_ids.append(qid)
-    await relay.enqueuer.commit(acc)
+    for rcpt in bounces:
+        assert rcpt.bounce_of is not None
+        outcome = await bounce_in.handle(relay, rcpt.bounce_of, tx.mail_from, tx.content)
+        first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
+    if acc.items:
+        await relay.enqueuer.commit(acc)
     return Outcome(ACCEPT, queue_ids, first_log)
 
 

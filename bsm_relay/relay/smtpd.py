@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ..aliases.routing import Kind, route
 from ..policy.reasons import reply, reply_for
-from . import intake, log
+from . import bounce_in, intake, log
 from .context import Relay
 from .queue import StorageError
 
@@ -136,7 +136,14 @@ class Handler:
                 recipients.append(resolved)
                 envelope.rcpt_tos.append(r.address)
                 return reply("ok.recipient")
-        # INVALID, BOUNCE (until bounce addresses are decoded), forged, revoked, unknown pair:
+        if r.kind is Kind.BOUNCE:
+            queue_id = self.relay.bounces.decode(r.address)
+            if queue_id is None or not await bounce_in.is_known(self.relay, queue_id):
+                return self._refused(session, "rcpt.bad_bounce")
+            recipients.append(intake.Recipient(r.address, bounce_of=queue_id))
+            envelope.rcpt_tos.append(r.address)
+            return reply("ok.recipient")
+        # INVALID, forged, revoked, unknown pair:
         # one generic answer, so the reply tells nothing about why.
         return self._refused(session, "rcpt.unknown")
 
@@ -170,6 +177,9 @@ class Handler:
             self.log.info("smtp.rejected", stage="data", reason=outcome.decision.reason,
                           session=tx.session_id, **outcome.log)
             return reply_for(outcome.decision)
+        if not outcome.queue_ids:   # only bounce addresses: handled, nothing of the sender's queued
+            self.log.info("bounce.received", session=tx.session_id, **outcome.log)
+            return reply("ok.bounce")
         for qid in outcome.queue_ids:
             self.log.info("message.accepted", queue_id=qid, session=tx.session_id, size=len(content),
                           **outcome.log)
