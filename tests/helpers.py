@@ -102,6 +102,18 @@ class Sink:
         raise AssertionError(f"expected {count} delivered messages, got {len(self.messages)}")
 
 
+_RUNNING: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftover_relays() -> None:
+    """A test that failed half-way must not leave a relay running after the test session."""
+    for proc in _RUNNING:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class RelayProcess:
     workdir: Path
@@ -123,6 +135,7 @@ class RelayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(BIN), "--config", str(self.config), "serve"], stdout=log,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        _RUNNING.append(self.proc)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
