@@ -208,3 +208,54 @@ async def test_outbound_mail_is_dkim_signed_and_verifies(tmp_path, sink, session
             return txt.encode()
         assert dkim.verify(raw, dnsfunc=dnsfunc)
         assert not dkim.verify(raw.replace(b"body qdkim", b"body QDKIM"), dnsfunc=dnsfunc)
+
+
+class _Auth:
+    def __init__(self) -> None:
+        self.logins: list[str] = []
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"relay", b"s3cret")
+        if ok:
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=ok)
+
+
+async def test_smarthost_starttls_required_and_auth(tmp_path, sessions):
+    from aiosmtpd.controller import Controller
+    from helpers import RecordingHandler, free_port
+    from tlsutil import make_cert, server_context
+
+    cert, key = make_cert(tmp_path)
+    handler, auth = RecordingHandler(), _Auth()
+    port = free_port()
+    secure = Controller(handler, hostname="127.0.0.1", port=port, tls_context=server_context(cert, key),
+                        require_starttls=True, authenticator=auth, auth_required=True)
+    secure.start()
+    plain = Sink()
+    plain.controller.start()
+    try:
+        base = settings_for(tmp_path, port)
+        settings = dataclasses.replace(base, delivery=dataclasses.replace(
+            base.delivery, smarthost_tls="required", smarthost_user="relay", smarthost_password="s3cret"))
+        await enqueue(sessions, "qtls", [(BUYERS[0], ALIASES[0])])
+
+        async def delivered():
+            return len(handler.messages) == 1
+        await run_until(settings, sessions, delivered)
+        assert auth.logins == ["relay"]
+        # A smarthost that offers no STARTTLS while TLS is required: deferred, never sent in clear.
+        no_tls = dataclasses.replace(settings, delivery=dataclasses.replace(
+            settings.delivery, smarthost=f"127.0.0.1:{plain.port}", smarthost_user="", smarthost_password=""))
+        await enqueue(sessions, "qclear", [(BUYERS[1], ALIASES[1])])
+
+        async def attempted():
+            return (await item(sessions, "qclear"))["attempts"] >= 1
+        await run_until(no_tls, sessions, attempted)
+        row = await item(sessions, "qclear")
+        assert row["status"] == "queued" and "STARTTLS" in row["last_error"]
+        assert plain.messages == []
+    finally:
+        secure.stop()
+        plain.controller.stop()
