@@ -281,3 +281,13 @@ def test_log_has_events_and_no_real_addresses(relay, aliases):
     assert all("queue_id" in e for e in events if e["event"] == "message.accepted")
     for address in (SELLER, SELLER_ALT, BUYER, "evil@evil.example"):
         assert address not in log
+
+
+def test_real_addresses_never_pass_in_the_subject(relay, sink, aliases):
+    before = len(sink.messages)
+    subject = f"Order 111-2223334-4445556: write to {SELLER.upper()} or =?utf-8?q?{BUYER}?="
+    send(relay, SELLER, [aliases["buyer"]], message(SELLER, aliases["buyer"], subject=subject))
+    got = sink.wait_for(before + 1)[-1]
+    assert SELLER.encode() not in got.data.lower()
+    msg = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert msg["Subject"] == "Order 111-2223334-4445556: write to [email removed] or [email removed]"

@@ -12,6 +12,11 @@ with the contact reason and the order already known.
 
 from __future__ import annotations
 
+import re
+from email.errors import HeaderParseError
+from email.header import Header as EmailHeader
+from email.header import decode_header, make_header
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -150,12 +155,35 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
         return content_rules.mask_part(part, config.content, parties)[0].text
 
     rewritten = mime.rewrite_texts(parsed, masked)
+    fields = dict(rewritten.headers or {}) if rewritten.changed else {}
+    safe_subject = _mask_parties(subject, parties.all())
+    if safe_subject != subject:
+        # The Subject passes through the rewrite: the two parties' real addresses never do.
+        fields["Subject"] = _encode_header(safe_subject)
     content = original
-    if rewritten.changed:
-        block = mime.replace_header_lines(header_block, rewritten.headers) if rewritten.headers \
-            else header_block
-        content = block + b"\r\n" + rewritten.body
+    if fields:
+        block = mime.replace_header_lines(header_block, fields)
+        content = block + b"\r\n" + (rewritten.body if rewritten.changed else body)
     return PolicyOutcome(assessment.decision, content, order_id, contact_reason, proactive)
+
+
+def _mask_parties(text: str, addresses: tuple[str, ...]) -> str:
+    decoded = _decode_header(text)
+    for address in addresses:
+        if address:
+            decoded = re.sub(re.escape(address), "[email removed]", decoded, flags=re.IGNORECASE)
+    return decoded if decoded != _decode_header(text) else text
+
+
+def _decode_header(value: str) -> str:
+    try:
+        return str(make_header(decode_header(value)))
+    except (HeaderParseError, LookupError, ValueError):
+        return value
+
+
+def _encode_header(text: str) -> str:
+    return text if text.isascii() else EmailHeader(text, "utf-8").encode(maxlinelen=900).replace("\n", "")
 
 
 async def _thread_started_by(store: Any, seller_id: int, buyer_id: int, ids: Sequence[str]) -> int | None:
