@@ -161,8 +161,8 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
         # The Subject passes through the rewrite: the two parties' real addresses never do.
         fields["Subject"] = _encode_header(safe_subject)
     content = original
-    if fields:
-        block = mime.replace_header_lines(header_block, fields)
+    if fields or rewritten.changed:
+        block = mime.replace_header_lines(header_block, fields) if fields else header_block
         content = block + b"\r\n" + (rewritten.body if rewritten.changed else body)
     return PolicyOutcome(assessment.decision, content, order_id, contact_reason, proactive)
 
