@@ -1,6 +1,7 @@
 # bsm-relay: two commands do all the set-up.
 #   make run   - virtualenv, install, state dir + database + key, demo data, serve on 127.0.0.1:2525
 #   make test  - virtualenv, install, run the whole test suite
+#   make test-pg - the same suite against PostgreSQL (TEST_DATABASE_URL; each test in its own schema)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP   = $(VENV)/.installed
 CONFIG ?=
 CFG     = $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test init bench lint clean
+.PHONY: run test test-pg init bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,13 @@ run: init
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole suite again on PostgreSQL: every relay and every delivery test gets a fresh schema
+# t_<hex> in this database (dropped at the end), so runs never see each other's rows.
+TEST_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+test-pg: $(STAMP)
+	BSM_RELAY_TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -9,6 +9,7 @@ import email.policy
 import time
 from pathlib import Path
 
+import dbtest
 import pytest
 
 from bsm_relay.config.settings import DeliverySettings, QueueSettings, Settings, SmtpSettings, StorageSettings
@@ -35,10 +36,12 @@ def settings_for(tmp_path: Path, sink_port: int, **queue: float) -> Settings:
 
 @pytest.fixture
 async def sessions(tmp_path):  # noqa: PT004 - imported by the delivery test modules
-    engine = db.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
+    database = dbtest.fresh(tmp_path)   # SQLite in tmp_path, or a fresh PostgreSQL schema
+    engine = database.engine()
     await db.migrate(engine)
     yield db.sessionmaker(engine)
     await engine.dispose()
+    await database.adrop()
 
 
 def body(tag: str, to: str = BUYERS[0]) -> bytes:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from dbtest import TestDatabase, fresh
 from dnsserver import DnsServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,8 @@ class RelayProcess:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
+    # The relay's database (SQLite in its state dir, or its own PostgreSQL schema): tests read it here.
+    database: TestDatabase | None = None
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([str(BIN), "--config", str(self.config), *args], capture_output=True, text=True,
@@ -186,7 +189,10 @@ def shared_dns() -> DnsServer:
 
 
 def write_config(workdir: Path, port: int, extra: str = "", *, sink_port: int | None = None,
-                 nameserver: str | None = None, dns_timeout: float = 3.0) -> Path:
+                 nameserver: str | None = None, dns_timeout: float = 3.0,
+                 database: TestDatabase | None = None) -> Path:
+    """The relay's configuration file; ``database`` (default: SQLite in the state directory) is
+    where ``[storage]`` points, see ``tests/dbtest.py``."""
     dns = f'\n[dns]\nnameservers = ["{nameserver}"]\ntimeout = {dns_timeout}\n' if nameserver else ""
     delivery = (f'mode = "smarthost"\nsmarthost = "127.0.0.1:{sink_port}"\nsmarthost_tls = "off"\n'
                 if sink_port else f'mode = "maildir"\nmaildir = "{workdir / "maildir"}"\n')
@@ -203,7 +209,7 @@ marketplace_name = "Marketplace"
 
 [storage]
 state_dir = "{workdir / 'state'}"
-
+{database.toml() if database else ""}
 [delivery]
 {delivery}poll_interval = 0.2
 
@@ -222,15 +228,18 @@ level = "info"
 
 
 def make_relay(workdir: Path, *, sink_port: int | None = None, extra: str = "",
-               dns: DnsServer | None = None, dns_timeout: float = 3.0) -> RelayProcess:
+               dns: DnsServer | None = None, dns_timeout: float = 3.0,
+               database: TestDatabase | None = None) -> RelayProcess:
     """A relay ready to ``start()``: configured, initialised, its resolver on ``dns``
-    (default: :func:`shared_dns`).  ``extra`` must not hold a ``[dns]`` table."""
+    (default: :func:`shared_dns`).  ``extra`` must not hold a ``[dns]`` table.
+    ``database``: default a fresh one (``BSM_RELAY_TEST_DATABASE_URL``, else SQLite)."""
     port = free_port()
     server = dns if dns is not None else shared_dns()
+    database = database or fresh(workdir / "state")
     config = write_config(workdir, port, extra, sink_port=sink_port, nameserver=server.nameserver,
-                          dns_timeout=dns_timeout)
+                          dns_timeout=dns_timeout, database=database)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BSM_RELAY_")}
-    relay = RelayProcess(workdir, port, config, env)
+    relay = RelayProcess(workdir, port, config, env, database=database)
     relay.cli("init")
     return relay
 

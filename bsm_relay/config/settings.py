@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,20 @@ class SmtpSettings:
     timeout: float = 300.0          # idle / per-command timeout, RFC 5321 §4.5.3.2
     proxy_protocol: bool = False    # expect a PROXY v1/v2 header from a trusted peer
     trusted_proxies: list[str] = field(default_factory=list)
+    # Process, limits and drain (issue 6).
+    data_timeout: float = 600.0     # the whole DATA phase, from DATA to the final reply (RFC 5321: 10 min)
+    max_sessions: int = 1000        # concurrent sessions per serve process; beyond: 421 4.7.0
+    max_sessions_per_ip: int = 50   # concurrent sessions per client IP per serve process; beyond: 421 4.7.0
+    max_invalid_commands: int = 10  # 5xx-syntax/sequence answers per session before 421 and close
+    drain_grace: float = 30.0       # SIGTERM: seconds for open sessions and deliveries to finish
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: str = ""                  # PEM certificate (chain); empty: no STARTTLS
+    key: str = ""                   # PEM private key
+    implicit_listen: str = ""       # e.g. "0.0.0.0:465": an implicit-TLS (SMTPS) listener
+    min_version: str = "TLSv1.2"    # TLSv1.2 | TLSv1.3
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ class AliasSettings:
 class StorageSettings:
     state_dir: str = "./var"
     database_url: str = ""
+    database_schema: str = ""       # PostgreSQL only: the schema holding the relay's tables
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class QueueSettings:
     delay_warning: int = 14_400     # send a delay notice after this many seconds; 0 disables
     lease: int = 600                # a claimed item is another worker's after this many seconds
     max_errors: int = 3             # processing failures (bugs, broken rows) before an item is held
+    max_depth: int = 100_000        # items waiting (not done) beyond which MAIL gets 452 4.3.1; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,12 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = ""                # host:port of the Prometheus endpoint, e.g. "127.0.0.1:9125"; "": off
+    queue_interval: float = 15.0    # seconds between the queue depth / oldest age queries
+
+
+@dataclass(frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     aliases: AliasSettings = field(default_factory=AliasSettings)
@@ -148,6 +172,8 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str = "<defaults>"
 
     # -- derived paths ---------------------------------------------------------
@@ -158,7 +184,13 @@ class Settings:
     @property
     def database_url(self) -> str:
         if self.storage.database_url:
-            return self.storage.database_url
+            # The schema rides along as the URL's "schema" parameter; relay/db.py takes it out
+            # again and makes it the connection's search_path.
+            schema = self.storage.database_schema
+            if not schema:
+                return self.storage.database_url
+            url = self.storage.database_url
+            return f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode({'schema': schema})}"
         return f"sqlite+aiosqlite:///{(self.state_dir / 'relay.db').resolve()}"
 
     @property
@@ -181,7 +213,8 @@ def split_host_port(value: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(f"{value!r} is not host:port") from None
 
 
-SECTIONS = ("smtp", "aliases", "storage", "delivery", "queue", "dns", "dkim", "auth", "policy", "logging")
+SECTIONS = ("smtp", "aliases", "storage", "delivery", "queue", "dns", "dkim", "auth", "policy", "logging", "tls",
+            "metrics")
 
 
 def _section_class(name: str) -> type:
@@ -189,6 +222,7 @@ def _section_class(name: str) -> type:
         "smtp": SmtpSettings, "aliases": AliasSettings, "storage": StorageSettings,
         "delivery": DeliverySettings, "queue": QueueSettings, "logging": LoggingSettings,
         "dns": DnsSettings, "dkim": DkimSettings, "auth": AuthSettings, "policy": PolicySettings,
+        "tls": TlsSettings, "metrics": MetricsSettings,
     }[name]
 
 
@@ -270,13 +304,26 @@ def validate(settings: Settings) -> None:
     q = settings.queue
     if not 0 < q.min_backoff <= q.max_backoff:
         raise ConfigError("[queue] needs 0 < min_backoff <= max_backoff")
+    if q.max_depth < 0:
+        raise ConfigError("[queue] max_depth must be 0 (no limit) or more")
+    storage = settings.storage
+    if storage.database_schema:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", storage.database_schema):
+            raise ConfigError("[storage] database_schema must be a plain identifier (letters, digits, _)")
+        if not storage.database_url.startswith("postgresql"):
+            raise ConfigError("[storage] database_schema needs a PostgreSQL database_url")
     if settings.delivery.smarthost_tls not in ("opportunistic", "required", "off"):
         raise ConfigError("[delivery] smarthost_tls must be opportunistic, required or off")
     if settings.logging.format not in ("auto", "json", "console"):
         raise ConfigError("[logging] format must be auto, json or console")
+    if settings.metrics.listen:
+        split_host_port(settings.metrics.listen, 9125)
+    if settings.metrics.queue_interval <= 0:
+        raise ConfigError("[metrics] queue_interval must be more than 0")
     if "@" in settings.aliases.domain or not settings.aliases.domain:
         raise ConfigError("[aliases] domain must be a bare domain name")
     split_host_port(settings.smtp.listen, 25)
+    _validate_limits_and_tls(settings)
     split_host_port(settings.delivery.smarthost, 25)
     if settings.smtp.max_recipients < 1:
         raise ConfigError("[smtp] max_recipients must be at least 1")
@@ -289,3 +336,23 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"[smtp] trusted_proxies: {entry!r} is not an IP address or network") from None
     if settings.smtp.proxy_protocol and not settings.smtp.trusted_proxies:
         raise ConfigError("[smtp] proxy_protocol = true needs trusted_proxies (the proxies' addresses)")
+
+
+def _validate_limits_and_tls(settings: Settings) -> None:
+    smtp, tls = settings.smtp, settings.tls
+    for key in ("max_sessions", "max_sessions_per_ip", "max_invalid_commands"):
+        if getattr(smtp, key) < 1:
+            raise ConfigError(f"[smtp] {key} must be at least 1")
+    for key in ("timeout", "data_timeout"):
+        if getattr(smtp, key) <= 0:
+            raise ConfigError(f"[smtp] {key} must be more than 0 seconds")
+    if smtp.drain_grace < 0:
+        raise ConfigError("[smtp] drain_grace must be 0 or more seconds")
+    if tls.min_version not in ("TLSv1.2", "TLSv1.3"):
+        raise ConfigError("[tls] min_version must be TLSv1.2 or TLSv1.3")
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("[tls] cert and key go together: set both or neither")
+    if tls.implicit_listen:
+        if not tls.cert:
+            raise ConfigError("[tls] implicit_listen needs cert and key")
+        split_host_port(tls.implicit_listen, 465)

@@ -96,6 +96,15 @@ REASONS: dict[str, Reason] = {
     "local.error": Reason(451, "4.3.0", "Local error in processing; try again later"),
     "local.storage": Reason(451, "4.3.0", "Temporary storage problem; try again later"),
     "local.shutting_down": Reason(421, "4.3.2", "Service shutting down; try again later"),
+    # -- queue backpressure (issue 7: [queue] max_depth): delivery is behind, acceptance waits ----
+    "queue.full": Reason(
+        452, "4.3.1", "Too much mail is waiting for delivery here right now; try again later"),
+    # -- connection and session limits (issue 6: [smtp] max_sessions, max_sessions_per_ip,
+    #    max_invalid_commands, timeout, data_timeout) --------------------------------------
+    "conn.too_many_sessions": Reason(421, "4.7.0", "Too many connections; try again later"),
+    "conn.too_many_from_ip": Reason(421, "4.7.0", "Too many connections from your address; try again later"),
+    "conn.too_many_invalid": Reason(421, "4.7.0", "Too many invalid commands; closing the connection"),
+    "conn.timeout": Reason(421, "4.4.2", "Timeout exceeded; closing the connection"),
     # -- marketplace rules --------------------------------------------------------
     "order.missing": Reason(
         550, "5.7.1",

@@ -19,7 +19,7 @@ from typing import Any
 from ..aliases import keys as keyring
 from ..aliases.codec import Direction
 from ..config import settings as config
-from . import cli_marketplace, db
+from . import cli_marketplace, cli_ops, db
 from .queue import admin as queue_admin
 from .queue import get_item, list_items
 from .dkim import DkimKeyError, generate_key, txt_record_name
@@ -267,7 +267,13 @@ async def cmd_demo(s: config.Settings, args: argparse.Namespace) -> None:
 
 
 async def cmd_serve(s: config.Settings, args: argparse.Namespace) -> None:
-    await serve(s)
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1")
+    if args.workers == 1:
+        await serve(s)
+    else:
+        from .supervisor import supervise
+        await supervise(s, args.workers, args.config)
 
 
 # -- argument parsing ----------------------------------------------------------------
@@ -285,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     cmd(sub, "init", cmd_init, "create or upgrade the database and create the alias key if missing")
-    cmd(sub, "serve", cmd_serve, "serve SMTP and deliver the queue", json_flag=False)
+    sp = cmd(sub, "serve", cmd_serve, "serve SMTP and deliver the queue", json_flag=False)
+    sp.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="processes sharing the port (SO_REUSEPORT) and the database; default 1")
     cmd(sub, "demo", cmd_demo, "seed a demo marketplace when the database is empty and show how to try it")
 
     seller = sub.add_parser("seller", help="manage sellers").add_subparsers(dest="action", required=True)
@@ -356,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("queue_id")
     cmd(queue, "flush", _queue_action("flush"), "make everything in the queue due now")
     cli_marketplace.register(sub, cmd)
+    cli_ops.register(sub, cmd)
     return p
 
 

@@ -3,20 +3,62 @@
 SQLite runs in WAL mode with ``synchronous=FULL`` so that a committed queue row has
 reached the disk before the relay answers 250.  Migrations are Alembic's, run from
 ``bsm-relay init`` (and checked at ``serve``).
+
+PostgreSQL (``postgresql+asyncpg://`` or ``postgresql+psycopg://``) may keep the relay's
+tables in a schema of their own (``[storage] database_schema``): every connection then
+gets that schema as its ``search_path``, and ``init`` creates it when it is missing.  The
+schema travels inside the URL as the ``schema`` query parameter (``Settings.database_url``
+puts it there), so every caller that opens an engine from the settings gets it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+# A plain, unquoted PostgreSQL identifier: never interpolated unless it matches.
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+class DatabaseURLError(ValueError):
+    """The database URL or schema cannot be used; the message says why."""
+
+
+def with_schema(url: str, schema: str) -> str:
+    """``url`` carrying ``schema`` (its ``schema`` query parameter); ``url`` itself when empty."""
+    if not schema:
+        return url
+    check_schema(schema)
+    return make_url(url).update_query_dict({"schema": schema}).render_as_string(hide_password=False)
+
+
+def check_schema(schema: str) -> None:
+    if not SCHEMA_NAME.fullmatch(schema):
+        raise DatabaseURLError(f"database schema {schema!r} must be a plain identifier (letters, digits, _)")
+
+
+def split_schema(url: str) -> tuple[URL, str]:
+    """The URL without its ``schema`` parameter, and that schema ("" when there is none)."""
+    parsed = make_url(url)
+    schema = parsed.query.get("schema", "")
+    if isinstance(schema, tuple):
+        raise DatabaseURLError("the database URL names more than one schema")
+    if schema:
+        check_schema(schema)
+        if not parsed.drivername.startswith("postgresql"):
+            raise DatabaseURLError("a database schema is only supported on PostgreSQL")
+    return parsed.difference_update_query(["schema"]), schema
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -33,7 +75,17 @@ def make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    parsed, schema = split_schema(url)
+    connect_args: dict[str, Any] = {}
+    if schema:
+        # Only this schema: tables are created in it and looked up in it, nowhere else, so
+        # two installations (or two test runs) on one database never see each other's rows.
+        if parsed.drivername.endswith("+asyncpg"):
+            connect_args["server_settings"] = {"search_path": schema}
+        else:  # libpq-style drivers (psycopg)
+            connect_args["options"] = f"-csearch_path={schema}"
+    return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                               connect_args=connect_args)
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]
@@ -47,6 +99,16 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+async def _create_schema(conn: AsyncConnection) -> None:
+    """On PostgreSQL, create the schema the connection's search_path names, if it is missing."""
+    if conn.dialect.name != "postgresql":
+        return
+    path = (await conn.execute(text("SHOW search_path"))).scalar_one()
+    first = path.split(",")[0].strip().strip('"')
+    if SCHEMA_NAME.fullmatch(first):  # never "$user", never anything needing quotes
+        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{first}"'))
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision (idempotent)."""
     cfg = alembic_config(str(engine.url))
@@ -56,6 +118,7 @@ async def migrate(engine: AsyncEngine) -> None:
         command.upgrade(cfg, "head")
 
     async with engine.begin() as conn:
+        await _create_schema(conn)
         await conn.run_sync(_upgrade)
 
 

@@ -92,11 +92,67 @@ class _Temporary(Exception):
     pass
 
 
+def _crlf_only(body: bytes) -> bool:
+    crlf = body.count(b"\r\n")
+    return body.count(b"\r") == crlf and body.count(b"\n") == crlf
+
+
+async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
+                        body: bytes) -> dict[str, aiosmtplib.SMTPResponse]:
+    """``client.sendmail`` for a body that is CRLF throughout (intake refuses anything else):
+    dot-stuffed here with one ``replace`` instead of aiosmtplib's regex passes over the whole
+    body (line-ending normalisation and stuffing, once more for SIZE), then written as is."""
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    data = body.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    try:
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
+        options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
+        await client.mail(envelope_from, options=options)
+        errors: dict[str, aiosmtplib.SMTPResponse] = {}
+        for rcpt in recipients:
+            try:
+                await client.rcpt(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                errors[rcpt] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+        if len(errors) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt) for rcpt, r in errors.items()])
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        assert client.protocol is not None
+        client.protocol.write(data)
+        client.protocol.write(b".\r\n")
+        end = await client.protocol.read_response(timeout=client.timeout)
+        if end.code != 250:
+            raise aiosmtplib.SMTPDataError(end.code, end.message)
+        return errors
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        try:                                   # leave the connection clean for the next message
+            await client.rset()
+        except (ConnectionError, aiosmtplib.SMTPException):
+            pass
+        raise
+
+
 async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
     """One transaction on a connected client, translated into per-recipient outcomes."""
     result = Result()
     try:
-        errors, _ = await client.sendmail(envelope_from, list(recipients), body)
+        if _crlf_only(body):
+            errors = await _send_stuffed(client, envelope_from, recipients, body)
+        else:
+            errors, _ = await client.sendmail(envelope_from, list(recipients), body)
         for rcpt in recipients:
             if rcpt in errors:
                 code, text = errors[rcpt].code, errors[rcpt].message
@@ -313,7 +369,8 @@ class Deliverer:
         try:
             result = await self.target.send(item.envelope_from, addresses, body)
         except Exception as exc:
-            self.log.error("delivery.error", queue_id=item.id, error_type=type(exc).__name__)
+            self.log.error("delivery.error", queue_id=item.id, session=item.session_id,
+                           error_type=type(exc).__name__)
             result = Result(deferred={a: "451 4.3.0 local delivery error" for a in addresses})
         now = time.time()
         by_address = {address: rid for rid, address, _ in item.recipients}
@@ -346,20 +403,23 @@ class Deliverer:
         except Exception as exc:
             # The outcome could not be stored: the lease expires and the item is tried again
             # (a duplicate is possible; a loss is not).
-            self.log.error("store.error", stage="record", queue_id=item.id, error_type=type(exc).__name__)
+            self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
+                           error_type=type(exc).__name__)
             return
         if notices:
             self.wakeup.set()
+        # ``to`` is the real recipient: a keyed digest in the log unless [logging] redact = false.
+        # ``latency``: seconds from acceptance to this delivery (the metrics' histogram).
         for a in result.delivered:
-            self.log.info("delivery.delivered", queue_id=item.id, kind=item.kind, alias=aliases[a],
-                          attempt=item.attempts + 1)
+            self.log.info("delivery.delivered", queue_id=item.id, session=item.session_id, kind=item.kind,
+                          alias=aliases[a], to=a, attempt=item.attempts + 1, latency=round(now - item.created_at, 3))
         for a, text in result.failed.items():
-            self.log.warning("delivery.failed", queue_id=item.id, kind=item.kind, alias=aliases[a], reply=text,
-                             bounced=notify)
+            self.log.warning("delivery.failed", queue_id=item.id, session=item.session_id, kind=item.kind,
+                             alias=aliases[a], to=a, reply=text, bounced=notify)
         for a, text in result.deferred.items():
-            self.log.info("delivery.deferred", queue_id=item.id, kind=item.kind, alias=aliases[a], reply=text,
-                          attempt=item.attempts + 1, next_attempt_in=round(retry_at - now), status=status,
-                          delay_notice=delay_notice)
+            self.log.info("delivery.deferred", queue_id=item.id, session=item.session_id, kind=item.kind,
+                          alias=aliases[a], to=a, reply=text, attempt=item.attempts + 1,
+                          next_attempt_in=round(retry_at - now), status=status, delay_notice=delay_notice)
 
     def _notice(self, item: Claimed, failures: list[Failure], now: float, retry_until: float | None = None):  # type: ignore[no-untyped-def]
         assert item.origin_sender is not None
@@ -375,8 +435,10 @@ class Deliverer:
             status = await record_error(self.sessions, item, self.owner, f"processing error: {type(exc).__name__}",
                                         retry_at, q.max_errors)
         except Exception as store_exc:
-            self.log.error("store.error", stage="record", queue_id=item.id, error_type=type(store_exc).__name__)
+            self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
+                           error_type=type(store_exc).__name__)
             return
         event = "queue.held" if status == "hold" else "delivery.error"
-        self.log.error(event, queue_id=item.id, error_type=type(exc).__name__, status=status)
+        self.log.error(event, queue_id=item.id, session=item.session_id, error_type=type(exc).__name__,
+                       status=status)
 

@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import mktime_tz, parsedate_tz
 
 from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
@@ -98,6 +99,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     if received_count(headers) > MAX_HOPS:
         return Outcome(refuse("msg.loop"))
     now = time.time()
+    upstream = upstream_delay(headers, now)   # before the rewrite drops the sender side's Received
     aliased = [r for r in tx.recipients if r.ref is not None]
     postmaster = [r for r in tx.recipients if r.ref is None and r.bounce_of is None]
     bounces = [r for r in tx.recipients if r.bounce_of is not None]
@@ -137,23 +139,24 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         for rcpt, verdict in zip(aliased, verdicts):
             qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
                                        original_ids[0] if original_ids else None, thread_ids,
-                                       auth_results=auth_results, **verdict.log_fields)
+                                       auth_results=auth_results, upstream_delay=upstream, **verdict.log_fields)
             queue_ids.append(qid)
             acc.items.append(rows[0])
             acc.recipients.append(rows[1])
             acc.extra.extend(rows[2:])
-            first_log = first_log or {"alias": rcpt.address, **_ids(rcpt)}
+            first_log = first_log or {"alias": rcpt.address, **_ids(rcpt), "upstream_delay": upstream}
     if postmaster:
         qid = new_queue_id()
         received = format_received(relay.settings.smtp.hostname, qid, datetime.now(UTC))
         item = QueueItem(id=qid, kind="postmaster", envelope_from=tx.mail_from, origin_sender=None,
                          body=f"Received: {received}\r\n".encode() + tx.content, size=len(tx.content),
-                         created_at=now, next_attempt_at=now, attempts=0, status="queued")
+                         created_at=now, next_attempt_at=now, attempts=0, status="queued", session_id=tx.session_id)
         acc.items.append(item)
         acc.recipients.append(QueueRecipient(queue_id=qid, address=relay.settings.smtp.postmaster,
                                              alias=postmaster[0].address, status="pending"))
         acc.extra.append(MessageLog(at=now, session_id=tx.session_id, queue_id=qid, decision="accepted",
-                                    reason=None, size=len(tx.content)))
+                                    reason=None, size=len(tx.content), upstream_delay=upstream))
+        first_log = first_log or {"upstream_delay": upstream}
         queue_ids.append(qid)
     for rcpt in bounces:
         assert rcpt.bounce_of is not None
@@ -162,6 +165,36 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     if acc.items:
         await relay.enqueuer.commit(acc)
     return Outcome(ACCEPT, queue_ids, first_log)
+
+
+# A sender-side timestamp this far in our future is a wrong clock, not a delay: it is ignored.
+_CLOCK_SKEW = 300.0
+
+
+def upstream_delay(headers: list, now: float) -> float | None:  # type: ignore[type-arg]
+    """Seconds between the sender side's first timestamp and our acceptance at ``now``.
+
+    The earlier of the Date header (the writer's client) and the bottom-most Received
+    (the first hop of the sender's provider; Received lines are prepended, so it is the
+    oldest).  Sellers blame the relay for slowness their own provider caused: this is the
+    figure that tells.  None when neither parses, or the result lies in the future.
+    """
+    received = get_all(headers, "Received")
+    stamps = [_stamp(_first(headers, "Date"))]
+    if received:
+        stamps.append(_stamp(received[-1].value.rpartition(";")[2]))
+    found = [t for t in stamps if t is not None and t <= now + _CLOCK_SKEW]
+    return round(max(0.0, now - min(found)), 3) if found else None
+
+
+def _stamp(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        parsed = parsedate_tz(text)
+        return float(mktime_tz(parsed)) if parsed else None
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
 
 
 def _first(headers: list, name: str) -> str:  # type: ignore[type-arg]
@@ -228,7 +261,8 @@ def mint_message_id(domain: str) -> str:
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
                    now: float, original_id: str | None, thread_ids: ThreadRefs, *,
                    auth_results: str | None = None, order_ext_id: str | None = None,
-                   contact_reason: str | None = None, proactive: bool = False) -> tuple[str, list[object]]:
+                   contact_reason: str | None = None, proactive: bool = False,
+                   upstream_delay: float | None = None) -> tuple[str, list[object]]:
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     settings = relay.settings
     ref = rcpt.ref
@@ -258,14 +292,14 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
     body = render(content, plan)
     item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
                      origin_sender=sender, body=body, size=len(body), created_at=now, next_attempt_at=now,
-                     attempts=0, status="queued")
+                     attempts=0, status="queued", session_id=tx.session_id)
     recipient = QueueRecipient(queue_id=qid, address=to_address, alias=rcpt.address, status="pending")
     thread = ThreadId(minted=minted, original=original_id or minted, seller_id=ref.seller_id,
                       buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)
     log = MessageLog(at=now, session_id=tx.session_id, queue_id=qid, direction=int(ref.direction),
                      seller_id=ref.seller_id, buyer_id=ref.buyer_id, decision="accepted", reason=None,
                      size=len(content), message_id=minted, order_ext_id=order_ext_id,
-                     contact_reason=contact_reason, proactive=proactive)
+                     contact_reason=contact_reason, proactive=proactive, upstream_delay=upstream_delay)
     return qid, [item, recipient, thread, log]
 
 

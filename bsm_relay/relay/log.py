@@ -15,6 +15,7 @@ import hmac
 import logging
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -25,6 +26,13 @@ EVENTS = frozenset({
     "message.accepted",
     "delivery.delivered", "delivery.deferred", "delivery.failed", "delivery.error",
     "queue.held", "bounce.received", "bounce.ignored", "store.error", "auth.disabled",
+    # process, drain, reload, limits (issue 6)
+    "relay.draining", "smtp.timeout", "config.reloaded", "config.reload_failed",
+    "worker.started", "worker.exited", "worker.unresponsive",
+    # metrics endpoint (issue 6, relay/metrics.py)
+    "metrics.started", "metrics.error",
+    # queue backpressure (issue 7, relay/backpressure.py): state="on" past [queue] max_depth, "off" again
+    "queue.backpressure",
 })
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.-]+\.?", re.ASCII)
@@ -56,12 +64,55 @@ class Redactor:
         return event
 
 
+class _Watch:
+    """First processor of the chain: shows each event to the observers (``relay/metrics``
+    counts decisions from them), then drops what is below the configured level.  While
+    there are observers the bound logger lets info events through even at level warning,
+    so the counts do not depend on what the log writes."""
+
+    def __init__(self, level: int, observers: list[Callable[[dict[str, Any]], None]]) -> None:
+        self.level = level
+        self.observers = observers
+
+    def __call__(self, _logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        for observer in self.observers:
+            observer(event)
+        if _level(name) < self.level:
+            raise structlog.DropEvent
+        return event
+
+
+def _level(name: str) -> int:
+    return logging.ERROR if name == "exception" else logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
+
+
+def _current_watch() -> _Watch | None:
+    found = [p for p in structlog.get_config().get("processors", []) if isinstance(p, _Watch)]
+    return found[0] if found else None
+
+
+def observe(observer: Callable[[dict[str, Any]], None]) -> None:
+    """Show every event (its dict, before rendering and redaction) to ``observer`` from now on;
+    kept when ``configure`` runs again (a reload)."""
+    watch = _current_watch()
+    if watch is None:
+        configure()
+        watch = _current_watch()
+        assert watch is not None
+    watch.observers.append(observer)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(min(watch.level, logging.INFO)))
+
+
 def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None = None,
               stream: Any = None) -> None:
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    previous = _current_watch()
+    watch = _Watch(threshold, previous.observers if previous else [])
     processors: list[Any] = [
+        watch,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
@@ -75,7 +126,7 @@ def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+            min(threshold, logging.INFO) if watch.observers else threshold),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )

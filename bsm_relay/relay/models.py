@@ -117,6 +117,7 @@ class MessageLog(Base):
     message_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     proactive: Mapped[bool] = mapped_column(Boolean, default=False)   # seller-started: counts toward the cap
     contact_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    upstream_delay: Mapped[float | None] = mapped_column(Float, nullable=True)   # seconds, see intake
 
 
 class QueueItem(Base):
@@ -139,6 +140,7 @@ class QueueItem(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)   # the SMTP session it came in
 
 
 class QueueRecipient(Base):
@@ -149,3 +151,19 @@ class QueueRecipient(Base):
     alias: Mapped[str] = mapped_column(String(320))          # what the sender wrote to
     status: Mapped[str] = mapped_column(String(16))          # pending | delivered | failed
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class MessageEvent(Base):
+    """What happened to a queued message after acceptance, for ``bsm-relay trace`` and ``stats``.
+
+    Written in the transaction that records it (``queue.record_attempt`` and friends);
+    ``detail`` is JSON text with aliases and reply codes only, never a real address.
+    """
+
+    __tablename__ = "message_events"
+    __table_args__ = (Index("ix_message_events_queue_id", "queue_id"), Index("ix_message_events_at", "at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    queue_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[float] = mapped_column(Float)
+    event: Mapped[str] = mapped_column(String(32))   # delivery.attempt | delivery.error | dsn.queued | bounce.received
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -12,16 +12,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from .models import QueueItem, QueueRecipient
+from .models import MessageEvent, QueueItem, QueueRecipient
 
 
 def new_queue_id() -> str:
@@ -48,6 +50,7 @@ class Claimed:
     created_at: float
     recipients: tuple[tuple[int, str, str], ...]          # (row id, real address, alias)
     delay_notified: bool = False
+    session_id: str | None = None                         # the SMTP session that brought it (for the log)
 
 
 class Enqueuer:
@@ -129,7 +132,7 @@ async def claim(sessions: async_sessionmaker[AsyncSession], owner: str, limit: i
     for r in rcpts:
         by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
     return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                    tuple(by_item.get(i.id, ())), i.delay_notified) for i in items]
+                    tuple(by_item.get(i.id, ())), i.delay_notified, i.session_id) for i in items]
 
 
 async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str,
@@ -163,7 +166,56 @@ async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claim
             s.add(notice)
             await s.flush()
             s.add(rcpt)
+        # trace's history, in the same transaction (no extra commit on the delivery path).
+        s.add(_attempt_event(item, delivered, failed, deferred, status, retry_at))
+        s.add_all(MessageEvent(queue_id=item.id, at=time.time(), event="dsn.queued", detail=_json(
+            notice=notice.id, action="delayed" if b"Action: delayed" in notice.body else "failed"))
+            for notice, _ in notices)
     return status
+
+
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.-]+\.?", re.ASCII)
+
+
+def _json(**fields: Any) -> str:
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True)
+
+
+def _scrubber(item: Claimed) -> tuple[dict[int, str], Callable[[str], str]]:
+    """Each recipient's name in the history (its alias; a notice's recipient, the original
+    sender, is no alias and is named so), and a scrub for reply texts: real recipient
+    addresses become their alias, any other address outside the alias domain ``[address]``."""
+    shown: dict[int, str] = {}
+    swap: dict[str, str] = {}
+    keep: set[str] = set()
+    for rid, address, alias in item.recipients:
+        is_alias = alias.lower() != address.lower()
+        shown[rid] = alias if is_alias else "(the sender)"
+        swap[address.lower()] = shown[rid]
+        if is_alias and "@" in alias:
+            keep.add(alias.rpartition("@")[2].lower().rstrip("."))
+
+    def scrub(text: str) -> str:
+        def one(m: re.Match[str]) -> str:
+            found = m.group(0)
+            if found.lower() in swap:
+                return swap[found.lower()]
+            return found if found.rpartition("@")[2].lower().rstrip(".") in keep else "[address]"
+        return _ADDRESS.sub(one, text) if "@" in text else text
+    return shown, scrub
+
+
+def _attempt_event(item: Claimed, delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
+                   status: str, retry_at: float) -> MessageEvent:
+    shown, scrub = _scrubber(item)
+    rcpts = [{"alias": shown.get(rid, "?"), "outcome": "delivered"} for rid in delivered]
+    rcpts += [{"alias": shown.get(rid, "?"), "outcome": "failed", "reply": scrub(text)} for rid, text in failed.items()]
+    rcpts += [{"alias": shown.get(rid, "?"), "outcome": "deferred", "reply": scrub(text)}
+              for rid, text in deferred.items()]
+    now = time.time()
+    return MessageEvent(queue_id=item.id, at=now, event="delivery.attempt", detail=_json(
+        attempt=item.attempts + 1, kind=item.kind, status=status, recipients=rcpts,
+        latency=round(now - item.created_at, 3), next_attempt_at=retry_at if status == "queued" else None))
 
 
 def _header_end(body: bytes) -> int:
@@ -180,6 +232,8 @@ async def record_error(sessions: async_sessionmaker[AsyncSession], item: Claimed
         await s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
                         .values(errors=errors, status=status, next_attempt_at=retry_at, lease_owner=None,
                                 lease_until=None, last_error=error))
+        s.add(MessageEvent(queue_id=item.id, at=time.time(), event="delivery.error",
+                           detail=_json(error=_scrubber(item)[1](error), errors=errors, status=status)))
     return status
 
 
@@ -190,6 +244,9 @@ async def add_notice(sessions: async_sessionmaker[AsyncSession], notice: QueueIt
         if fail_recipients_of:
             await s.execute(update(QueueRecipient).where(QueueRecipient.queue_id == fail_recipients_of)
                             .values(status="failed", last_error=error))
+            # trace's history: ``error`` is ours ("bounced later: 5.1.1"), it names nobody.
+            s.add(MessageEvent(queue_id=fail_recipients_of, at=time.time(), event="bounce.received",
+                               detail=_json(error=error, notice=notice.id)))
         s.add(notice)
         await s.flush()
         s.add(rcpt)

@@ -1,0 +1,229 @@
+"""``make bench``: bsm-relay (full pipeline) and Postfix (an equivalent, simpler hop) side by side.
+
+Both get the same load from ``bench/load.py`` (open connections reused; it times end of DATA ->
+250) and relay to the same kind of sink (Postfix's ``smtp-sink``, which counts deliveries).
+bsm-relay runs as in production: ``bsm-relay init`` then ``serve --workers <cores>``, with
+sender authentication (SPF against the benchmark's own DNS server, tests/dnsserver.py),
+policy, rewrite, DKIM signing and its durable SQLite queue.
+
+Prints one table and writes bench/results/latest.json.  ``--quick`` runs a short version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import load
+from .targets import ROOT, Postfix, SmtpSink, cpu_seconds, free_port, peak_kb, postfix_available, wait_port
+
+sys.path.insert(0, str(ROOT / "tests"))
+from dnsserver import DnsServer  # noqa: E402
+
+BIN = Path(sys.executable).parent / "bsm-relay"
+SELLER, OTHER, BUYER = "seller@acme.example", "stranger@acme.example", "buyer@example.org"
+ORDER = "111-2223334-4445556"
+
+
+def make_message(alias: str, size: int, sender: str = SELLER) -> bytes:
+    head = (f"From: Acme Books <{sender}>\r\nTo: {alias}\r\nSubject: About order {ORDER}\r\n"
+            f"Date: Fri, 27 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench-{size}@acme.example>\r\n"
+            "MIME-Version: 1.0\r\n").encode()
+    text = b"Hello, your parcel is on its way and should arrive within three days.\r\n"
+    if size <= 8192:
+        body = text * max(1, (size - len(head) - 60) // len(text))
+        return head + b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + body
+    raw = (size - 2048) * 3 // 4
+    pdf = base64.encodebytes(b"%PDF-1.4\n" + bytes(range(256)) * (raw // 256)).replace(b"\n", b"\r\n")
+    return (head + b"Content-Type: multipart/mixed; boundary=bb\r\n\r\n--bb\r\nContent-Type: text/plain\r\n\r\n"
+            + text * 10 + b"--bb\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"invoice.pdf\"\r\n\r\n" + pdf + b"--bb--\r\n")
+
+
+class Relay:
+    def __init__(self, workdir: Path, sink_port: int, nameserver: str, workers: int) -> None:
+        self.dir = workdir / "relay"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.workers = workers
+        self.config = self.dir / "relay.toml"
+        self.config.write_text(f"""
+[smtp]
+listen = "127.0.0.1:{self.port}"
+hostname = "mx.relay.test"
+postmaster = "ops@operator.test"
+max_sessions_per_ip = 1000
+
+[aliases]
+domain = "marketplace.example"
+marketplace_name = "Marketplace"
+
+[storage]
+state_dir = "{self.dir / 'state'}"
+
+[delivery]
+mode = "smarthost"
+smarthost = "127.0.0.1:{sink_port}"
+smarthost_tls = "off"
+poll_interval = 0.2
+
+[dns]
+nameservers = ["{nameserver}"]
+
+[logging]
+format = "json"
+level = "warning"
+""")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BSM_RELAY_")}
+        self.cli("init")
+        self.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
+        self.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
+        self.cli("order", "add", ORDER, "--seller", "S1", "--buyer", "B1", "--status", "shipped")
+        self.alias = json.loads(self.cli("alias", "S1", "B1", "--json"))["buyer_alias"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> str:
+        res = subprocess.run([str(BIN), "--config", str(self.config), *args], capture_output=True, text=True,
+                             env=self.env, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"bsm-relay {' '.join(args)}: {res.stderr.strip()}")
+        return res.stdout
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(BIN), "--config", str(self.config), "serve", "--workers", str(self.workers)],
+                                     stdout=open(self.dir / "relay.log", "wb"), stderr=subprocess.STDOUT, env=self.env)
+        wait_port(self.port)
+        time.sleep(1.0)                    # every worker up
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+
+def measure(target, sink: SmtpSink, mail_from: str, rcpt: str, message: bytes, total: int, conns: int) -> dict:
+    cpu0, count0 = cpu_seconds(target.pid), sink.count()
+    start = time.monotonic()
+    result = asyncio.run(load.run(target.port, mail_from, rcpt, message, total, conns))
+    done = sink.wait_for(count0 + result.accepted, timeout=180)
+    delivered = sink.count() - count0
+    time.sleep(0.3)
+    cpu = cpu_seconds(target.pid) - cpu0
+    p50, p99 = result.percentile(50), result.percentile(99)
+    return {
+        "sent": result.sent, "accepted": result.accepted, "refused": result.refused, "errors": result.errors,
+        "delivered": delivered,
+        "accepted_per_s": round(result.accepted / result.seconds, 1),
+        "delivered_per_s": round(delivered / max(done - start, 1e-9), 1),
+        "refused_per_s": round(result.refused / result.seconds, 1),
+        "p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
+        "p99_ms": round(p99 * 1000, 2) if p99 is not None else None,
+        "cpu_ms_per_msg": round(cpu * 1000 / max(result.accepted or result.refused, 1), 3),
+        "peak_mb": round(peak_kb(target.pid) / 1024, 1),
+    }
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="a short run (a few hundred messages)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    if not postfix_available():
+        print("make bench needs Postfix (postfix, smtp-sink) and root to run a throwaway instance", file=sys.stderr)
+        return 1
+    counts = {2048: 200, 102400: 100} if args.quick else {2048: 2000, 102400: 800}
+    refusals = 200 if args.quick else 2000
+    dns = DnsServer(spf_fallback="v=spf1 ip4:127.0.0.0/8 -all")
+    dns.start_in_thread()
+    rows: list[dict] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bsm-bench-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        sink = SmtpSink(work)
+        relay = Relay(work, sink.port, dns.nameserver, args.workers)
+        postfix = Postfix(work, sink.port, SELLER, relay.alias, BUYER)
+        try:
+            relay.start()
+            postfix.start()
+            load_before = loadavg()
+            for size, total in counts.items():
+                message = make_message(relay.alias, size)
+                for conns in (1, 20):
+                    n = total if conns == 20 else total // 4
+                    for name, target in (("bsm-relay", relay), ("postfix", postfix)):
+                        row = {"target": name, "size": size, "connections": conns, "kind": "accept",
+                               **measure(target, sink, SELLER, relay.alias, message, n, conns)}
+                        rows.append(row)
+                        print(f"  {name:9} {size // 1024:>3} KB x{conns:<2} {row['delivered_per_s']:>8} msg/s "
+                              f"delivered, p99 {row['p99_ms']} ms", file=sys.stderr)
+            refused = make_message(relay.alias, 2048, sender=OTHER)
+            for name, target in (("bsm-relay", relay), ("postfix", postfix)):
+                rows.append({"target": name, "size": 2048, "connections": 20, "kind": "refuse",
+                             **measure(target, sink, OTHER, relay.alias, refused, refusals, 20)})
+        finally:
+            relay.stop()
+            postfix.stop()
+            sink.stop()
+            dns.stop()
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_model": _cpu_model(), "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "relay_workers": args.workers, "quick": args.quick,
+        "seconds": round(time.monotonic() - started, 1), "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print_table(rows)
+    print(f"\n{report['machine']['cpus']} CPUs ({report['machine']['cpu_model']}), load before {load_before}, "
+          f"bsm-relay --workers {args.workers}; {report['seconds']} s; written to {out}")
+    return 0
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = [("accepted_per_s", "accepted/s"), ("delivered_per_s", "delivered/s"), ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"), ("cpu_ms_per_msg", "CPU ms/msg"), ("peak_mb", "peak MB")]
+    print(f"\n{'case':<22}" + "".join(f"{label:>26}" for _, label in keys))
+    print(f"{'':<22}" + "".join(f"{'relay / postfix (ratio)':>26}" for _ in keys))
+    cases = sorted({(r["kind"], r["size"], r["connections"]) for r in rows}, key=lambda c: (c[0], c[1], c[2]))
+    for kind, size, conns in cases:
+        pair = {r["target"]: r for r in rows if (r["kind"], r["size"], r["connections"]) == (kind, size, conns)}
+        ours, theirs = pair.get("bsm-relay", {}), pair.get("postfix", {})
+        label = f"{kind} {size // 1024} KB x{conns}"
+        cells = []
+        for key, _ in (keys if kind == "accept" else [("refused_per_s", ""), *keys[4:]]):
+            a, b = ours.get(key), theirs.get(key)
+            ratio = f"{a / b:.2f}" if a is not None and b else "-"
+            cells.append(f"{a} / {b} ({ratio})")
+        print(f"{label:<22}" + "".join(f"{c:>26}" for c in cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The load generator: N open SMTP connections, each sending messages back to back.
+
+One transaction per message on a reused connection (MAIL, RCPT, DATA, body, final dot).
+It times what the benchmark reports as latency: from writing the final dot to reading the
+server's reply to it (end of DATA -> 250), and counts accepted and refused messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    accepted: int = 0
+    refused: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)   # end of DATA -> reply, accepted only
+
+    def percentile(self, p: float) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("closed")
+        if line[3:4] != b"-":
+            return line
+
+
+async def _connection(port: int, mail_from: str, rcpt: str, body: bytes, count: int, result: LoadResult) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO load.bench.test\r\n")
+        await _reply(reader)
+        envelope = f"MAIL FROM:<{mail_from}>\r\n".encode(), f"RCPT TO:<{rcpt}>\r\n".encode()
+        for _ in range(count):
+            result.sent += 1
+            writer.write(envelope[0])
+            if not (await _reply(reader)).startswith(b"250"):
+                result.refused += 1
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+                continue
+            writer.write(envelope[1])
+            if not (await _reply(reader)).startswith(b"250"):
+                result.refused += 1
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+                continue
+            writer.write(b"DATA\r\n")
+            if not (await _reply(reader)).startswith(b"354"):
+                result.errors += 1
+                continue
+            writer.write(body)
+            await writer.drain()
+            start = time.perf_counter()
+            writer.write(b".\r\n")
+            answer = await _reply(reader)
+            if answer.startswith(b"250"):
+                result.accepted += 1
+                result.latencies.append(time.perf_counter() - start)
+            elif answer[:1] == b"5":
+                result.refused += 1
+            else:
+                result.errors += 1
+        writer.write(b"QUIT\r\n")
+        await _reply(reader)
+    except (ConnectionError, OSError):
+        result.errors += 1
+    finally:
+        writer.close()
+
+
+def stuffed(message: bytes) -> bytes:
+    data = message.replace(b"\r\n.", b"\r\n..")
+    return (b"." + data) if data.startswith(b".") else data
+
+
+async def run(port: int, mail_from: str, rcpt: str, message: bytes, total: int, connections: int) -> LoadResult:
+    result = LoadResult()
+    body = stuffed(message if message.endswith(b"\r\n") else message + b"\r\n")
+    per = [total // connections + (1 if i < total % connections else 0) for i in range(connections)]
+    start = time.perf_counter()
+    await asyncio.gather(*(_connection(port, mail_from, rcpt, body, n, result) for n in per if n))
+    result.seconds = time.perf_counter() - start
+    return result
