@@ -122,8 +122,9 @@ def relay(tmp_path_factory, sink, metrics_port):
         r.cli("order", "add", f"111-222333{n}-4445556", "--seller", "S1", "--buyer", buyer, "--status", "shipped")
     r.start()
     yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    code = r.stop()
+    assert code == 0, f"exit {code}: {r.log()[-3000:]}"
+    assert "Traceback" not in r.log(), r.log()[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -367,8 +368,9 @@ def quiet(tmp_path_factory):
     r.start()
     r.metrics_port = port  # type: ignore[attr-defined]
     yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    code = r.stop()
+    assert code == 0, f"exit {code}: {r.log()[-3000:]}"
+    assert "Traceback" not in r.log(), r.log()[-5000:]
 
 
 def test_queue_gauges_and_stats_show_what_waits(quiet):
