@@ -41,6 +41,9 @@ class SmtpSettings:
     max_sessions_per_ip: int = 50   # concurrent sessions per client IP per serve process; beyond: 421 4.7.0
     max_invalid_commands: int = 10  # 5xx-syntax/sequence answers per session before 421 and close
     drain_grace: float = 30.0       # SIGTERM: seconds for open sessions and deliveries to finish
+    # Hardening (issue 8): NOOP, VRFY, EXPN, HELP, ETRN per session before 421 and close (Postfix's
+    # smtpd_junk_command_limit).
+    junk_command_limit: int = 100
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class StorageSettings:
     state_dir: str = "./var"
     database_url: str = ""
     database_schema: str = ""       # PostgreSQL only: the schema holding the relay's tables
+    # Storage faults (issue 8): SQLite lock wait before 451 4.3.0; free bytes below which MAIL gets 452 4.3.1.
+    busy_timeout: float = 30.0
+    min_free_bytes: int = 0         # 0: not checked
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,9 @@ class Settings:
                 return self.storage.database_url
             url = self.storage.database_url
             return f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode({'schema': schema})}"
-        return f"sqlite+aiosqlite:///{(self.state_dir / 'relay.db').resolve()}"
+        url = f"sqlite+aiosqlite:///{(self.state_dir / 'relay.db').resolve()}"
+        # relay/db.py reads the lock wait back from the URL (every engine opened from the settings gets it).
+        return url if self.storage.busy_timeout == 30.0 else f"{url}?timeout={self.storage.busy_timeout}"
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -307,6 +315,8 @@ def validate(settings: Settings) -> None:
     if q.max_depth < 0:
         raise ConfigError("[queue] max_depth must be 0 (no limit) or more")
     storage = settings.storage
+    if storage.busy_timeout <= 0 or storage.min_free_bytes < 0:
+        raise ConfigError("[storage] busy_timeout must be more than 0 and min_free_bytes 0 or more")
     if storage.database_schema:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", storage.database_schema):
             raise ConfigError("[storage] database_schema must be a plain identifier (letters, digits, _)")
@@ -340,7 +350,7 @@ def validate(settings: Settings) -> None:
 
 def _validate_limits_and_tls(settings: Settings) -> None:
     smtp, tls = settings.smtp, settings.tls
-    for key in ("max_sessions", "max_sessions_per_ip", "max_invalid_commands"):
+    for key in ("max_sessions", "max_sessions_per_ip", "max_invalid_commands", "junk_command_limit"):
         if getattr(smtp, key) < 1:
             raise ConfigError(f"[smtp] {key} must be at least 1")
     for key in ("timeout", "data_timeout"):

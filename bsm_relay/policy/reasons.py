@@ -105,6 +105,15 @@ REASONS: dict[str, Reason] = {
     "conn.too_many_from_ip": Reason(421, "4.7.0", "Too many connections from your address; try again later"),
     "conn.too_many_invalid": Reason(421, "4.7.0", "Too many invalid commands; closing the connection"),
     "conn.timeout": Reason(421, "4.4.2", "Timeout exceeded; closing the connection"),
+    # -- hardening (issue 8: the acceptance catalogue, docs/catalogue.md) ------------------
+    # [smtp] junk_command_limit: NOOP, VRFY, EXPN, HELP, ETRN per session (catalogue P19).
+    "conn.too_many_junk": Reason(421, "4.7.0", "Too many commands without mail; closing the connection"),
+    # [storage] min_free_bytes: little space left for the queue, answered at MAIL (catalogue D3).
+    "storage.low_space": Reason(452, "4.3.1", "Insufficient system storage; try again later"),
+    # Delivery, not a reply we give: the diagnostic of a DSN when the next hop does not offer
+    # 8BITMIME and the message has 8-bit bytes (catalogue C5, docs/decisions/0006).
+    "delivery.needs_8bitmime": Reason(
+        554, "5.6.3", "The receiving server does not accept 8-bit mail and the message could not be converted"),
     # -- marketplace rules --------------------------------------------------------
     "order.missing": Reason(
         550, "5.7.1",

@@ -63,7 +63,12 @@ def split_schema(url: str) -> tuple[URL, str]:
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # [storage] busy_timeout travels as the URL's "timeout" parameter (Settings.database_url):
+        # how long a write waits for another process's lock before it fails (then 451 4.3.0).
+        parsed_url = make_url(url)
+        busy = float(str(parsed_url.query.get("timeout", "30")))
+        engine = create_async_engine(parsed_url.difference_update_query(["timeout"]),
+                                     connect_args={"timeout": busy})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -71,7 +76,7 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
             cur.close()
 
         return engine

@@ -24,6 +24,7 @@ import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
+from ..policy.reasons import reply
 from . import log, mx
 from .dkim import DkimSigner
 from .headers import split_message
@@ -114,6 +115,14 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
             except aiosmtplib.SMTPHeloError:
                 await client.helo()
         options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
+        if not body.isascii():
+            # Never raw 8-bit to a server that did not offer 8BITMIME (RFC 6152): the message is
+            # DKIM-signed as it is, so it is not converted; it fails with 5.6.3 (catalogue C5,
+            # docs/decisions/0006).
+            if not client.supports_extension("8bitmime"):
+                code, _, text = reply("delivery.needs_8bitmime").partition(" ")
+                raise aiosmtplib.SMTPResponseException(int(code), text)
+            options.append("BODY=8BITMIME")
         await client.mail(envelope_from, options=options)
         errors: dict[str, aiosmtplib.SMTPResponse] = {}
         for rcpt in recipients:

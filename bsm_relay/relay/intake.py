@@ -10,6 +10,8 @@ stage) alone reads it, and hands back the message to forward, masked if it must 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,22 @@ from .rewrite import RewritePlan, format_received, render
 from .store import BuyerRow, SellerRow
 
 MAX_HOPS = 50
+
+# Our loop marker (catalogue L2): every forwarded message carries it, and a message that arrives
+# with it is refused.  The value is a keyed digest of our host name: it says nothing, cannot be
+# forged by a sender to get a stranger's mail refused, and differs per installation.
+LOOP_HEADER = "X-BSM-Relay-Loop"
+
+
+def loop_marker(relay: Relay) -> str:
+    key = relay.keys.derive("loop-marker")
+    return hmac.new(key, relay.settings.smtp.hostname.lower().encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _is_delivery_report(headers: list) -> bool:  # type: ignore[type-arg]
+    """A DSN (RFC 3464: multipart/report; report-type=delivery-status) at the top level."""
+    ctype = _first(headers, "Content-Type").lower()
+    return ctype.strip().startswith("multipart/report") and "delivery-status" in ctype
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,11 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         return Outcome(refuse("msg.malformed"))
     if received_count(headers) > MAX_HOPS:
         return Outcome(refuse("msg.loop"))
+    marker = loop_marker(relay)
+    if any(hmac.compare_digest(h.value.strip().encode(), marker.encode()) for h in get_all(headers, LOOP_HEADER)):
+        # We forwarded this message ourselves and it came back (an alias whose real address is
+        # one of our aliases): refused once, and our refusal is not forwarded again (catalogue L2).
+        return Outcome(refuse("msg.own_loop"))
     now = time.time()
     upstream = upstream_delay(headers, now)   # before the rewrite drops the sender side's Received
     aliased = [r for r in tx.recipients if r.ref is not None]
@@ -106,6 +129,12 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     acc = Accepted(items=[], recipients=[], extra=[])
     queue_ids: list[str] = []
     first_log: dict[str, object] = {}
+    if aliased and _is_delivery_report(headers):
+        # A delivery report sent to an alias rather than to one of our bounce addresses answers
+        # mail we never sent (forged or backscatter): accepted with 250 so nobody retries or
+        # bounces it, and dropped, never forwarded (catalogue B4, docs/decisions/0005).
+        first_log = {"bounce": "stray", "alias": aliased[0].address, **_ids(aliased[0])}
+        aliased = []
 
     if aliased:
         try:
@@ -287,7 +316,7 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
         message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
-        extra=[("Authentication-Results", auth_results)] if auth_results else [],
+        extra=([("Authentication-Results", auth_results)] if auth_results else []) + [(LOOP_HEADER, loop_marker(relay))],
         date_if_missing=_rfc5322_date(now))
     body = render(content, plan)
     item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),

@@ -38,6 +38,13 @@ PROXY_TIMEOUT = 10.0
 # [smtp] max_invalid_commands (recipients refused by policy have their own cap).
 _INVALID = ("500", "501", "502", "503", "504")
 
+# Commands that keep a session busy without mailing: [smtp] junk_command_limit per session
+# (Postfix's smtpd_junk_command_limit; aiosmtpd's own call limit would answer in its own words).
+_JUNK = frozenset({"NOOP", "VRFY", "EXPN", "HELP", "ETRN"})
+
+# [storage] min_free_bytes: the free space is looked up (off the loop) at most this often.
+_DISK_CHECK_INTERVAL = 5.0
+
 
 # aiosmtpd builds its command, hook and AUTH tables from dir()/inspect.getmembers() of the protocol
 # and the handler at every connection (about 0.5 ms, a fifth of the CPU at 2 KB).  It only looks
@@ -125,6 +132,7 @@ class RelaySMTP(SMTP):
         self.gate = gate if gate is not None else Gate(relay)
         self.tls_label = tls_label          # "implicit" on the SMTPS listener
         self.invalid_commands = 0
+        self.junk_commands = 0              # NOOP and friends, see [smtp] junk_command_limit
         self._refusal: str | None = None    # reason code when the session is turned away at connect
         self._busy = False                  # a command is being handled
         self._in_data = False               # after our 354: replies are about the message, not the command
@@ -194,6 +202,13 @@ class RelaySMTP(SMTP):
             if self.gate.draining and name != "QUIT" and not self._in_transaction():
                 self._say_and_close("local.shutting_down")
                 return
+            if name in _JUNK:
+                self.junk_commands += 1
+                if self.junk_commands > self.relay.settings.smtp.junk_command_limit:
+                    self.event_handler.log.warning("smtp.rejected", stage="command", reason="conn.too_many_junk",
+                                                   session=getattr(self.session, "id", None))
+                    self._say_and_close("conn.too_many_junk")
+                    return
             self._busy = True
             if name == "DATA":   # the whole DATA phase, from here to our final reply
                 self._reset_timeout(self.relay.settings.smtp.data_timeout)
@@ -300,6 +315,25 @@ class Handler:
         self.trusted_proxies = [ipaddress.ip_network(entry.strip(), strict=False)
                                 for entry in relay.settings.smtp.trusted_proxies]
         self.queue_depth = QueueDepth(relay.sessions)   # [queue] max_depth, see handle_MAIL
+        self._disk_checked = (-_DISK_CHECK_INTERVAL, True)   # (monotonic time, room) of the last look
+
+    async def _disk_has_room(self) -> bool:
+        """[storage] min_free_bytes: is there room for the queue?  statvfs runs in a thread, at most
+        every few seconds; one look answers every session meanwhile."""
+        floor = self.relay.settings.storage.min_free_bytes
+        if floor <= 0:
+            return True
+        loop = asyncio.get_running_loop()
+        at, room = self._disk_checked
+        if loop.time() - at >= _DISK_CHECK_INTERVAL:
+            self._disk_checked = (loop.time(), room)    # concurrent sessions use the last answer
+            try:
+                st = await asyncio.to_thread(os.statvfs, self.relay.settings.storage.state_dir)
+                room = st.f_bavail * st.f_frsize >= floor
+            except OSError:
+                room = True        # cannot tell: the commit itself will fail with 451 if it must
+            self._disk_checked = (loop.time(), room)
+        return room
 
     def trusted_proxy(self, peer: Any) -> bool:
         ip = _ip(peer[0] if isinstance(peer, tuple) else "")
@@ -322,6 +356,10 @@ class Handler:
             # Delivery is behind: no transaction starts (RCPT then gets 503) until the queue drains.
             self.log.info("smtp.rejected", stage="mail", reason="queue.full", session=getattr(session, "id", None))
             return reply("queue.full")
+        if not await self._disk_has_room():
+            self.log.warning("smtp.rejected", stage="mail", reason="storage.low_space",
+                             session=getattr(session, "id", None))
+            return reply("storage.low_space")
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.bsm_recipients = []  # type: ignore[attr-defined]
