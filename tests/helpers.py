@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from cliworker import worker_for
 from dbtest import TestDatabase, fresh
 from dnsserver import DnsServer
 
@@ -126,9 +127,15 @@ class RelayProcess:
     # The relay's database (SQLite in its state dir, or its own PostgreSQL schema): tests read it here.
     database: TestDatabase | None = None
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([str(BIN), "--config", str(self.config), *args], capture_output=True, text=True,
-                             env=self.env, cwd=self.workdir, timeout=60)
+    def cli(self, *args: str, check: bool = True, console: bool = False) -> subprocess.CompletedProcess[str]:
+        """A `bsm-relay` management command; ``console=True`` runs the installed console script in
+        its own process (as an operator would), otherwise the same ``main(argv)`` runs in the
+        shared CLI worker process (see cliworker.py), which saves the interpreter start-up."""
+        if console:
+            res = subprocess.run([str(BIN), "--config", str(self.config), *args], capture_output=True, text=True,
+                                 env=self.env, cwd=self.workdir, timeout=60)
+        else:
+            res = worker_for(self.env).run(["--config", str(self.config), *args], self.workdir)
         if check and res.returncode != 0:
             raise AssertionError(f"bsm-relay {' '.join(args)} failed: {res.stderr}")
         return res

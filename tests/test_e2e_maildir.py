@@ -26,7 +26,7 @@ def test_maildir_default_delivers_and_cli_refuses_with_one_line(tmp_path):
     for args in (("seller", "add", "S1", "--name", "Again", "--email", "x@acme.example"),
                  ("alias", "S9", "B1"), ("order", "set", "000-0000000-0000000", "--status", "shipped"),
                  ("sender", "approve", "S9", "a@b.example")):
-        res = relay.cli(*args, check=False)
+        res = relay.cli(*args, check=False, console=True)
         assert res.returncode == 1, args
         assert res.stderr.startswith("bsm-relay: ") and res.stderr.count("\n") == 1, res.stderr
         assert "Traceback" not in res.stderr
