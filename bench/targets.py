@@ -94,7 +94,7 @@ class SmtpSink:
         wait_port(self.port)
 
     def count(self) -> int:
-        found = re.findall(rb"msg=(\d+)", self.out.read_bytes()[-200:])
+        found = re.findall(rb"mesg=(\d+)", self.out.read_bytes()[-200:])
         return int(found[-1]) if found else 0
 
     def wait_for(self, count: int, timeout: float) -> float:

@@ -157,6 +157,8 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
 async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
     """One transaction on a connected client, translated into per-recipient outcomes."""
     result = Result()
+    if envelope_from == "<>":   # the null sender as aiosmtpd records it (postmaster mail from <>)
+        envelope_from = ""
     try:
         if _crlf_only(body):
             errors = await _send_stuffed(client, envelope_from, recipients, body)
