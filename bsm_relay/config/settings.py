@@ -193,9 +193,11 @@ class Settings:
             # The schema rides along as the URL's "schema" parameter; relay/db.py takes it out
             # again and makes it the connection's search_path.
             schema = self.storage.database_schema
-            if not schema:
-                return self.storage.database_url
             url = self.storage.database_url
+            if url.startswith("sqlite") and self.storage.busy_timeout != 30.0 and "timeout=" not in url:
+                return f"{url}{'&' if '?' in url else '?'}timeout={self.storage.busy_timeout}"
+            if not schema:
+                return url
             return f"{url}{'&' if '?' in url else '?'}{urllib.parse.urlencode({'schema': schema})}"
         url = f"sqlite+aiosqlite:///{(self.state_dir / 'relay.db').resolve()}"
         # relay/db.py reads the lock wait back from the URL (every engine opened from the settings gets it).

@@ -111,7 +111,7 @@ REASONS: dict[str, Reason] = {
     # [storage] min_free_bytes: little space left for the queue, answered at MAIL (catalogue D3).
     "storage.low_space": Reason(452, "4.3.1", "Insufficient system storage; try again later"),
     # Delivery, not a reply we give: the diagnostic of a DSN when the next hop does not offer
-    # 8BITMIME and the message has 8-bit bytes (catalogue C5, docs/decisions/0006).
+    # 8BITMIME and the message has 8-bit bytes (catalogue C5, docs/decisions/0009).
     "delivery.needs_8bitmime": Reason(
         554, "5.6.3", "The receiving server does not accept 8-bit mail and the message could not be converted"),
     # -- marketplace rules --------------------------------------------------------

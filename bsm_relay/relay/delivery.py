@@ -118,7 +118,7 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
         if not body.isascii():
             # Never raw 8-bit to a server that did not offer 8BITMIME (RFC 6152): the message is
             # DKIM-signed as it is, so it is not converted; it fails with 5.6.3 (catalogue C5,
-            # docs/decisions/0006).
+            # docs/decisions/0009).
             if not client.supports_extension("8bitmime"):
                 code, _, text = reply("delivery.needs_8bitmime").partition(" ")
                 raise aiosmtplib.SMTPResponseException(int(code), text)

@@ -132,7 +132,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     if aliased and _is_delivery_report(headers):
         # A delivery report sent to an alias rather than to one of our bounce addresses answers
         # mail we never sent (forged or backscatter): accepted with 250 so nobody retries or
-        # bounces it, and dropped, never forwarded (catalogue B4, docs/decisions/0005).
+        # bounces it, and dropped, never forwarded (catalogue B4, docs/decisions/0008).
         first_log = {"bounce": "stray", "alias": aliased[0].address, **_ids(aliased[0])}
         aliased = []
 

@@ -1,0 +1,183 @@
+"""Acceptance catalogue, D (durability and delivery): ../shared/CATALOGUE.md, mapped in docs/catalogue.md.
+
+Covered elsewhere:
+D1: tests/test_e2e_durability.py::test_kill_9_after_250_then_restart_delivers_everything
+D5: tests/test_delivery_faults.py::test_smtp_sink_soft_reject_is_retried_until_it_recovers,
+    tests/test_delivery.py::test_4xx_is_retried_with_backoff_then_delivered
+D6: tests/test_delivery_faults.py::test_smtp_sink_hard_reject_is_not_retried_and_bounces,
+    tests/test_delivery.py::test_5xx_bounces_once_in_aliases
+D7: tests/test_delivery_faults.py::test_smtp_sink_lost_final_reply_is_temporary_and_retried
+D8: tests/test_delivery_faults.py::test_smtp_sink_slow_final_reply_waits_up_to_the_timeout
+D9: tests/test_delivery_faults.py::test_mx_delivery
+D10: tests/test_delivery.py::test_partial_recipients_only_the_deferred_one_is_retried
+D11: tests/test_delivery.py::test_two_workers_never_attempt_the_same_item,
+    tests/test_e2e_ops.py::test_two_workers_share_the_port_restart_a_crashed_one_and_deliver_once
+D12: tests/test_delivery.py::test_poison_item_is_held_after_three_tries_while_others_flow
+D13: tests/test_delivery.py::test_expiry_with_a_compressed_clock_bounces_with_4_4_7
+
+D3's read-only file system case is not reproduced (it needs a mount); a locked database and a low-disk
+threshold are, and both end in the same 4xx path (docs/decisions/0008-acceptance-catalogue-answers.md).
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Sink, make_relay
+from test_e2e_ops import Line, greeted
+
+from bsm_relay.policy.reasons import reply
+
+SMTP_SOURCE = shutil.which("smtp-source") or next(
+    (p for p in ("/usr/sbin/smtp-source",) if Path(p).exists()), None)
+
+
+@pytest.fixture(scope="module")
+def sink():
+    with Sink() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, sink):
+    r = make_relay(tmp_path_factory.mktemp("cat-d"), sink_port=sink.port)
+    r.start()
+    yield r
+    assert r.stop() == 0
+    assert "Traceback" not in r.log()
+
+
+def queued(relay, everything: bool = True) -> list:
+    return json.loads(relay.cli("queue", "list", *(["--all"] if everything else []), "--json").stdout)
+
+
+def postmaster_session(port: int) -> Line:
+    conn = greeted(port)
+    assert conn.cmd("EHLO client.test").startswith("250")
+    assert conn.cmd("MAIL FROM:<someone@outside.example>").startswith("250")
+    assert conn.cmd("RCPT TO:<postmaster>").startswith("250")
+    assert conn.cmd("DATA").startswith("354")
+    return conn
+
+
+def test_D2_kill_during_data_queues_nothing_and_the_client_can_retry(tmp_path, sink):
+    r = make_relay(tmp_path, sink_port=sink.port)
+    r.start()
+    conn = postmaster_session(r.port)
+    conn.sock.sendall(b"Subject: half\r\n\r\nthe first half of a message ")
+    time.sleep(0.3)
+    r.proc.send_signal(signal.SIGKILL)
+    r.proc.wait()
+    r.proc = None
+    conn.close()
+    before = len(sink.messages)
+    r.start()
+    assert queued(r) == []
+    # The client retries after the crash: that copy is accepted and delivered, once.
+    conn = postmaster_session(r.port)
+    assert conn.cmd("Subject: whole\r\n\r\nthe whole message\r\n.").startswith("250")
+    conn.close()
+    got = sink.wait_for(before + 1)
+    time.sleep(0.5)
+    assert len(sink.messages) == before + 1 and b"the whole message" in got[-1].data
+    assert r.stop() == 0
+
+
+@pytest.fixture
+def locked_relay(tmp_path, sink):
+    """A relay whose writes wait at most 0.5 s for a lock ([storage] busy_timeout; the default 30 s
+    would only make the test slow)."""
+    r = make_relay(tmp_path, sink_port=sink.port)
+    if r.database is None or r.database.sqlite_path is None:
+        pytest.skip("the lock case is SQLite's (PostgreSQL: tests/test_backpressure.py and friends)")
+    r.config.write_text(r.config.read_text().replace("[storage]\n", "[storage]\nbusy_timeout = 0.5\n", 1))
+    r.start()
+    yield r
+    assert r.stop() == 0
+    assert "Traceback" not in r.log()
+
+
+def test_D3_locked_database_answers_451_430_without_internals_then_recovers(locked_relay, sink):
+    relay = locked_relay
+    db = sqlite3.connect(relay.database.sqlite_path, timeout=0.1, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")               # another process holds the write lock
+    try:
+        conn = postmaster_session(relay.port)
+        answer = conn.cmd("Subject: while locked\r\n\r\nbody\r\n.")
+        conn.close()
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert answer.strip() == reply("local.storage"), answer        # 451 4.3.0, a catalogue text
+    assert "lock" not in answer.lower() and "sqlite" not in answer.lower()
+    before = len(sink.messages)
+    conn = postmaster_session(relay.port)
+    assert conn.cmd("Subject: after\r\n\r\nbody\r\n.").startswith("250")
+    conn.close()
+    got = sink.wait_for(before + 1)
+    assert b"while locked" not in b"".join(m.data for m in got)
+    assert '"store.error"' in relay.log()
+
+
+def test_D3_low_disk_threshold_answers_452_431_at_mail(tmp_path):
+    r = make_relay(tmp_path)
+    r.config.write_text(r.config.read_text().replace("[storage]\n", f"[storage]\nmin_free_bytes = {2 ** 62}\n", 1))
+    r.start()
+    try:
+        conn = greeted(r.port)
+        assert conn.cmd("EHLO client.test").startswith("250")
+        assert conn.cmd("MAIL FROM:<someone@outside.example>").strip() == reply("storage.low_space")
+        assert conn.cmd("RCPT TO:<postmaster>").startswith("503")     # no transaction
+        conn.close()
+        assert queued(r) == []
+    finally:
+        assert r.stop() == 0
+    assert '"storage.low_space"' in r.log()
+
+
+def test_D4_half_close_after_the_dot_and_quit_never_loses_an_accepted_message(relay, sink):
+    before = len(sink.messages)
+    answers = []
+    for i in range(5):
+        conn = postmaster_session(relay.port)
+        conn.sock.sendall(f"Subject: half-close {i}\r\n\r\nbody {i}\r\n.\r\nQUIT\r\n".encode())
+        conn.sock.shutdown(socket.SHUT_WR)
+        answers.append(conn.reply())
+        conn.close()
+    accepted = [i for i, a in enumerate(answers) if a.startswith("250")]
+    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        got = [m for m in sink.messages[before:] if b"half-close" in m.data]
+        if len(got) >= len(accepted):
+            break
+        time.sleep(0.1)
+    subjects = [email.message_from_bytes(m.data)["Subject"] for m in sink.messages[before:]]
+    for i in accepted:                           # every 250 is delivered ...
+        assert subjects.count(f"half-close {i}") >= 1
+    for i in range(5):                           # ... and nothing more than once per message
+        assert subjects.count(f"half-close {i}") <= 1
+
+
+@pytest.mark.skipif(SMTP_SOURCE is None, reason="Postfix's smtp-source is not installed")
+def test_D14_2000_messages_over_20_connections_no_loss_no_duplicate(relay, sink):
+    before = len(sink.messages)
+    res = subprocess.run([SMTP_SOURCE, "-s", "20", "-m", "2000", "-f", "load@outside.example",
+                          "-t", "postmaster", "-M", "load.test", f"127.0.0.1:{relay.port}"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    got = sink.wait_for(before + 2000, timeout=300)[before:]
+    time.sleep(1.0)
+    assert len(sink.messages) == before + 2000
+    ids = [email.message_from_bytes(m.data)["Message-Id"] for m in got]
+    assert None not in ids and len(set(ids)) == 2000
+    assert queued(relay, everything=False) == []
