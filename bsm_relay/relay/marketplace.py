@@ -34,7 +34,7 @@ from ..policy.optout import OptOutRules
 from ..policy.orders import AFTER_SHIPMENT, BEFORE_SHIPMENT, OrderRules
 from ..policy.reviews import ReviewRules
 from ..policy.rules import PolicyConfig, assess
-from ..policy.volume import VolumeRules, counts_toward_cap
+from ..policy.volume import VolumeRules, counts_toward_cap, daily_cap
 from . import mime
 from .headers import Header, get_all
 from .models import Order as OrderRow
@@ -121,7 +121,11 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     config = policy_config(relay.settings)
     seller, buyer, ref = rcpt.seller, rcpt.buyer, rcpt.ref
     now = datetime.now(UTC)
-    seller_addresses = (seller.email, sender_address, *await store.seller_addresses(seller.id))
+    window = config.volume.window_days
+    pair_facts = await store.policy_facts(ref.seller_id, ref.buyer_id, _utc_midnight(now).timestamp(),
+                                          (now - timedelta(days=window)).timestamp(),
+                                          lambda orders: daily_cap(orders, config.volume))
+    seller_addresses = (seller.email, sender_address, *pair_facts.seller_addresses)
     parties = Parties(tuple(dict.fromkeys(a for a in seller_addresses if a)), (buyer.email,))
     subject_fields = get_all(headers, "Subject")
     subject = subject_fields[0].value if subject_fields else ""
@@ -129,18 +133,15 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     if ref.direction is AliasDirection.TO_BUYER:
         started = await _thread_started_by(store, ref.seller_id, ref.buyer_id,
                                            list(thread_refs.in_reply_to) + list(thread_refs.references))
-        pair = tuple(policy_order(o) for o in await store.orders_of_pair(ref.seller_id, ref.buyer_id))
-        window = config.volume.window_days
+        pair = tuple(policy_order(o) for o in pair_facts.orders)
         facts = MessageFacts(
             direction=Direction.SELLER_TO_BUYER, now=now,
             is_reply_to_buyer_thread=started == int(AliasDirection.TO_SELLER),
             order=order_hint, pair_orders=pair, buyer_opted_out=bool(buyer.opt_out),
             contact_reason=contact_reason, subject=subject, text_parts=parsed.text_parts,
             attachments=parsed.attachments, parties=parties,
-            seller_messages_today=await store.proactive_count_since(
-                ref.seller_id, _utc_midnight(now).timestamp()),
-            seller_orders_30d=await store.seller_orders_since(
-                ref.seller_id, (now - timedelta(days=window)).timestamp()))
+            seller_messages_today=pair_facts.proactive_today,
+            seller_orders_30d=pair_facts.seller_orders_recent)
     else:
         facts = MessageFacts(direction=Direction.BUYER_TO_SELLER, now=now, subject=subject,
                              text_parts=parsed.text_parts, attachments=parsed.attachments,

@@ -398,13 +398,12 @@ class Handler:
 
     async def _resolve_alias(self, token: str, address: str) -> intake.Recipient | None:
         ref = self.relay.codec.decode(token)
-        if ref is None or await self.relay.store.is_revoked(token):
+        if ref is None:
             return None
-        seller = await self.relay.store.seller(id=ref.seller_id)
-        buyer = await self.relay.store.buyer(id=ref.buyer_id)
-        if seller is None or buyer is None:
+        pair = await self.relay.store.resolve_pair(ref.seller_id, ref.buyer_id, token)
+        if pair is None:
             return None
-        return intake.Recipient(address, ref, seller, buyer)
+        return intake.Recipient(address, ref, pair[0], pair[1])
 
     def _refused(self, session: Session, reason: str, **params: object) -> str:
         self.log.info("smtp.rejected", stage="rcpt", reason=reason, session=getattr(session, "id", None))

@@ -6,7 +6,7 @@ the async engine, so no database work ever blocks the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
@@ -233,6 +233,17 @@ class Store:
         async with self.sessions() as s:
             return (await s.execute(select(func.count()).select_from(Seller))).scalar_one() == 0
 
+    async def resolve_pair(self, seller_id: int, buyer_id: int, token: str) -> tuple[SellerRow, BuyerRow] | None:
+        """The pair behind an authenticated token, unless revoked: one session at RCPT time."""
+        async with self.sessions() as s:
+            if await s.get(RevokedAlias, token.lower()) is not None:
+                return None
+            seller = await s.get(Seller, seller_id)
+            buyer = await s.get(Buyer, buyer_id)
+            if seller is None or buyer is None:
+                return None
+            return _seller(seller), _buyer(buyer)
+
     # -- aliases ------------------------------------------------------------------
     async def is_revoked(self, token: str) -> bool:
         async with self.sessions() as s:
@@ -305,6 +316,29 @@ class Store:
                 Order.seller_id == seller_id, Order.placed_at >= since)
             return int((await s.execute(stmt)).scalar_one())
 
+    async def policy_facts(self, seller_id: int, buyer_id: int, proactive_since: float,
+                           orders_since: float, cap_for: Callable[[int], int]) -> PairFacts:
+        """Everything the marketplace rules read about a pair, in one session (one pool checkout,
+        one transaction) instead of one per fact: this runs for every message.
+
+        The seller's proactive messages of the day are counted only up to the cap plus one
+        (``cap_for(orders in the window)``): that is all the rule needs, and it keeps the cost of
+        the count bounded for a busy seller instead of growing with every message of the day."""
+        async with self.sessions() as s:
+            addresses = [r[0] for r in await s.execute(
+                select(SellerAddress.address).where(SellerAddress.seller_id == seller_id))]
+            orders = list((await s.execute(
+                select(Order).where(Order.seller_id == seller_id, Order.buyer_id == buyer_id)
+                .order_by(Order.placed_at.desc()))).scalars())
+            recent = int((await s.execute(select(func.count()).select_from(Order).where(
+                Order.seller_id == seller_id, Order.placed_at >= orders_since))).scalar_one())
+            bounded = (select(MessageLog.id).where(
+                MessageLog.seller_id == seller_id, MessageLog.at >= proactive_since,
+                MessageLog.proactive.is_(True), MessageLog.decision == "accepted")
+                .limit(cap_for(recent) + 1).subquery())
+            proactive = int((await s.execute(select(func.count()).select_from(bounded))).scalar_one())
+        return PairFacts(addresses, orders, proactive, recent)
+
     async def claim_review_request(self, ext_id: str, at: float) -> bool:
         """Mark the order's review request as sent, unless it already was (one per order)."""
         async with self.sessions.begin() as s:
@@ -317,6 +351,14 @@ class Store:
         async with self.sessions.begin() as s:
             await s.execute(update(Order).where(
                 Order.ext_id == ext_id, Order.review_requested_at == at).values(review_requested_at=None))
+
+
+@dataclass(frozen=True)
+class PairFacts:
+    seller_addresses: list[str]
+    orders: list[Order]
+    proactive_today: int
+    seller_orders_recent: int
 
 
 def _seller(row: Seller) -> SellerRow:
