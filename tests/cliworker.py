@@ -76,9 +76,11 @@ _workers: dict[tuple[tuple[str, str], ...], CliWorker] = {}
 
 
 def worker_for(env: dict[str, str]) -> CliWorker:
+    # pytest sets PYTEST_CURRENT_TEST per test: it must not make a new worker for every test.
+    env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
     key = tuple(sorted(env.items()))
     if key not in _workers:
-        _workers[key] = CliWorker(dict(env))
+        _workers[key] = CliWorker(env)
     return _workers[key]
 
 
