@@ -15,6 +15,7 @@ a test that needs its own records passes ``dns=`` and stops that server itself.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import smtplib
@@ -255,3 +256,25 @@ def message(from_: str, to: str, subject: str = "Hello", body: str = "Hello ther
             extra_headers: str = "") -> bytes:
     return (f"From: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\n"
             f"Date: Fri, 27 Nov 2026 10:00:00 +0000\r\n{extra_headers}\r\n{body}").encode()
+
+
+DEMO_SELLER = "seller@acme.example"
+DEMO_BUYER = "buyer@example.org"
+DEMO_ORDER = "111-2223334-4445556"
+
+
+def seed_pair(relay: RelayProcess) -> dict[str, str]:
+    """The marketplace most end-to-end modules start from: seller S1 (DEMO_SELLER), buyer B1
+    (DEMO_BUYER) and one shipped order; returns the pair's aliases (buyer_alias, seller_alias)."""
+    relay.cli("seller", "add", "S1", "--name", "Acme Books", "--email", DEMO_SELLER)
+    relay.cli("buyer", "add", "B1", "--email", DEMO_BUYER, "--name", "Bea Buyer")
+    relay.cli("order", "add", DEMO_ORDER, "--seller", "S1", "--buyer", "B1", "--status", "shipped")
+    return json.loads(relay.cli("alias", "S1", "B1", "--json").stdout)
+
+
+def serving(relay: RelayProcess):  # type: ignore[no-untyped-def]
+    """Start ``relay`` for a module fixture; at teardown it must stop cleanly with no traceback."""
+    relay.start()
+    yield relay
+    assert relay.stop() == 0
+    assert "Traceback" not in relay.log(), relay.log()[-2000:]

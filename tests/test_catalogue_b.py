@@ -16,14 +16,14 @@ import json
 import time
 
 import pytest
-from helpers import Sink, make_relay, message
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, Sink, make_relay, message, seed_pair, serving
 from test_e2e_ops import events
 
 from bsm_relay.policy.reasons import reply
 
-SELLER = "seller@acme.example"
-BUYER = "buyer@example.org"
-ORDER = "111-2223334-4445556"
+SELLER = DEMO_SELLER
+BUYER = DEMO_BUYER
+ORDER = DEMO_ORDER
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,8 @@ def sink():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("cat-b"), sink_port=sink.port)
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", ORDER, "--seller", "S1", "--buyer", "B1", "--status", "shipped")
-    r.aliases = json.loads(r.cli("alias", "S1", "B1", "--json").stdout)  # type: ignore[attr-defined]
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    r.aliases = seed_pair(r)  # type: ignore[attr-defined]
+    yield from serving(r)
 
 
 STRAY_DSN = (

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Sink, make_relay
+from helpers import Sink, make_relay, serving
 from test_e2e_ops import Line, greeted
 
 from bsm_relay.policy.reasons import reply
@@ -49,11 +49,7 @@ def sink():
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
-    r = make_relay(tmp_path_factory.mktemp("cat-d"), sink_port=sink.port)
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    yield from serving(make_relay(tmp_path_factory.mktemp("cat-d"), sink_port=sink.port))
 
 
 def queued(relay, everything: bool = True) -> list:

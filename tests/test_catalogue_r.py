@@ -23,16 +23,16 @@ import smtplib
 import time
 
 import pytest
-from helpers import RelayProcess, Sink, make_relay, message
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair, serving
 from test_e2e_ops import Line
 
 from bsm_relay.aliases.codec import Direction
 from bsm_relay.config.settings import load
 from bsm_relay.relay.server import open_relay
 
-SELLER = "seller@acme.example"
-BUYER = "buyer@example.org"
-ORDER = "111-2223334-4445556"
+SELLER = DEMO_SELLER
+BUYER = DEMO_BUYER
+ORDER = DEMO_ORDER
 HOSTNAME = "mx.relay.test"          # [smtp] hostname in tests/helpers.py: "srvname"
 ALIAS_DOMAIN = "marketplace.example"
 MANY = 150
@@ -62,14 +62,9 @@ def sink():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("cat-r"), sink_port=sink.port)
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", ORDER, "--seller", "S1", "--buyer", "B1", "--status", "shipped")
+    seed_pair(r)
     r.many = asyncio.run(_seed_many(str(r.config)))  # type: ignore[attr-defined]
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    yield from serving(r)
 
 
 @pytest.fixture(scope="module")

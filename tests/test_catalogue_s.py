@@ -17,12 +17,12 @@ import smtplib
 import time
 
 import pytest
-from helpers import Sink, make_relay, message
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, Sink, make_relay, message, seed_pair, serving
 
-SELLER = "seller@acme.example"
+SELLER = DEMO_SELLER
 STRANGER = "orders@acme.example"
-BUYER = "buyer@example.org"
-ORDER = "111-2223334-4445556"
+BUYER = DEMO_BUYER
+ORDER = DEMO_ORDER
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,8 @@ def sink():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("cat-s"), sink_port=sink.port)
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", ORDER, "--seller", "S1", "--buyer", "B1", "--status", "shipped")
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    seed_pair(r)
+    yield from serving(r)
 
 
 @pytest.fixture(scope="module")

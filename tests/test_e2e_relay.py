@@ -8,11 +8,11 @@ import json
 import smtplib
 
 import pytest
-from helpers import RelayProcess, Sink, make_relay, message
+from helpers import DEMO_BUYER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair, serving
 
-SELLER = "seller@acme.example"
+SELLER = DEMO_SELLER
 SELLER_ALT = "orders@acme.example"
-BUYER = "buyer@example.org"
+BUYER = DEMO_BUYER
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,9 @@ def sink():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("relay"), sink_port=sink.port)
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
+    seed_pair(r)
     r.cli("seller", "add", "S2", "--name", "Other Shop", "--email", "owner@other.example")
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", "111-2223334-4445556", "--seller", "S1", "--buyer", "B1", "--status", "shipped")
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    yield from serving(r)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RelayProcess, Sink, make_relay, message
+from helpers import DEMO_BUYER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair, serving
 
-SELLER = "seller@acme.example"
-BUYER = "buyer@example.org"
+SELLER = DEMO_SELLER
+BUYER = DEMO_BUYER
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,8 @@ def sink():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("speed"), sink_port=sink.port)
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", "111-2223334-4445556", "--seller", "S1", "--buyer", "B1", "--status", "shipped")
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    seed_pair(r)
+    yield from serving(r)
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +203,8 @@ def big_relay(tmp_path_factory, sink):
     """A relay of its own (a fresh process, so its peak is this test's), taking 25 MB of attachments."""
     r = make_relay(tmp_path_factory.mktemp("big"), sink_port=sink.port,
                    extra="[policy]\nmax_attachment_bytes = 30000000\n")
-    r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
-    r.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
-    r.cli("order", "add", "111-2223334-4445556", "--seller", "S1", "--buyer", "B1", "--status", "shipped")
-    r.start()
-    yield r
-    assert r.stop() == 0
-    assert "Traceback" not in r.log()
+    seed_pair(r)
+    yield from serving(r)
 
 
 def test_25mb_message_peak_memory(big_relay, sink):
