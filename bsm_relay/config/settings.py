@@ -44,6 +44,8 @@ class SmtpSettings:
     # Hardening (issue 8): NOOP, VRFY, EXPN, HELP, ETRN per session before 421 and close (Postfix's
     # smtpd_junk_command_limit).
     junk_command_limit: int = 100
+    # Speed (issue 7): "uvloop" (libuv; 17-30 % more messages per core) or "asyncio" (the stdlib loop).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"[delivery] mode must be maildir, smarthost or mx, not {settings.delivery.mode!r}")
     if settings.dkim.algorithm not in ("rsa", "ed25519"):
         raise ConfigError("[dkim] algorithm must be rsa or ed25519")
+    if settings.smtp.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError("[smtp] event_loop must be uvloop or asyncio")
     if settings.auth.sender_authentication not in ("dmarc", "none"):
         raise ConfigError("[auth] sender_authentication must be dmarc or none")
     for key in ("emails", "phones", "links", "remote_images"):

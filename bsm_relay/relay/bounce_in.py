@@ -54,6 +54,6 @@ async def handle(relay: Relay, queue_id: str, mail_from: str, content: bytes) ->
         hostname=relay.settings.smtp.hostname, alias_domain=relay.settings.aliases.domain,
         origin_sender=item.origin_sender, original=item.body, created_at=item.created_at, now=time.time(),
         failures=failures, real_to_alias={r.address: r.alias for r in recipients})
-    await add_notice(relay.sessions, notice, rcpt, fail_recipients_of=item.id, error=f"bounced later: {status}")
+    await add_notice(relay.enqueuer, notice, rcpt, fail_recipients_of=item.id, error=f"bounced later: {status}")
     relay.enqueuer.wakeup.set()
     return "notified"

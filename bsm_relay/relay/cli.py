@@ -368,11 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loop_factory(settings: config.Settings, args: argparse.Namespace) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``serve`` runs on uvloop unless ``[smtp] event_loop = "asyncio"``; commands on the stdlib loop."""
+    if args.fn is not cmd_serve or settings.smtp.event_loop != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # an installation without it (it has no wheels for every platform)
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = config.load(args.config)
-        asyncio.run(args.fn(settings, args))
+        with asyncio.Runner(loop_factory=_loop_factory(settings, args)) as runner:
+            runner.run(args.fn(settings, args))
     except (config.ConfigError, StartupError, StoreError, CommandError, keyring.KeyError_) as exc:
         print(f"bsm-relay: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from . import log, mx
 from .dkim import DkimSigner
 from .headers import split_message
 from .notify import Failure, may_notify, notice_rows
-from .queue import Claimed, claim, record_attempt, record_error
+from .queue import Claimed, Enqueuer, claim, record_attempt, record_error
 from .retry import backoff, delay_notice_due, enhanced_status, expired
 
 
@@ -313,9 +313,12 @@ class Deliverer:
     """Claims due items and delivers them, at most ``workers`` at a time."""
 
     def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], target: Target,
-                 wakeup: asyncio.Event, signer: DkimSigner | None = None) -> None:
+                 wakeup: asyncio.Event, signer: DkimSigner | None = None, writer: Enqueuer | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
+        # Claims and outcomes go through the serving process's writer (one group commit with
+        # the accepted messages) when there is one, else each in a transaction of its own.
+        self.db: async_sessionmaker[AsyncSession] | Enqueuer = writer if writer is not None else sessions
         self.target = target
         self.wakeup = wakeup
         self.signer = signer
@@ -345,7 +348,7 @@ class Deliverer:
             items: list[Claimed] = []
             if free > 0:
                 try:
-                    items = await claim(self.sessions, self.owner, free, self.settings.queue.lease)
+                    items = await claim(self.db, self.owner, free, self.settings.queue.lease)
                 except Exception as exc:  # database trouble: keep the loop alive, try again
                     self.log.error("store.error", stage="claim", error_type=type(exc).__name__)
             for item in items:
@@ -406,7 +409,7 @@ class Deliverer:
         retry_at = now + backoff(item.attempts + 1, q)
         try:
             status = await record_attempt(
-                self.sessions, item, self.owner,
+                self.db, item, self.owner,
                 delivered=[by_address[a] for a in result.delivered],
                 failed={by_address[a]: t for a, t in result.failed.items()},
                 deferred={by_address[a]: t for a, t in result.deferred.items()},
@@ -443,7 +446,7 @@ class Deliverer:
         q = self.settings.queue
         retry_at = time.time() + backoff(1, q)
         try:
-            status = await record_error(self.sessions, item, self.owner, f"processing error: {type(exc).__name__}",
+            status = await record_error(self.db, item, self.owner, f"processing error: {type(exc).__name__}",
                                         retry_at, q.max_errors)
         except Exception as store_exc:
             self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,

@@ -16,11 +16,13 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .models import MessageEvent, QueueItem, QueueRecipient
@@ -53,13 +55,29 @@ class Claimed:
     session_id: str | None = None                         # the SMTP session that brought it (for the log)
 
 
-class Enqueuer:
-    """Group commit of accepted messages."""
+Unit = Callable[[AsyncSession], Awaitable[Any]]
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64) -> None:
+
+class Enqueuer:
+    """The serving process's one writer: group commit of everything it writes.
+
+    Accepted messages (:meth:`commit`) and the delivery side's claims and outcomes
+    (:meth:`run`) share one transaction per group, so a busy relay pays one commit (one
+    fsync) for many messages, and its writers never wait on each other's locks: SQLite has
+    one writer at a time, and a second writer in the same process would sleep in SQLite's
+    busy handler.  Across processes (``serve --workers N`` on one SQLite file) the group
+    takes ``write_lock`` first, so the processes hand the database over in turn instead.
+
+    A failed group is retried entry by entry when it held more than one, so one broken
+    entry fails alone; storage trouble (locked, read-only, full) fails the whole group.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64,
+                 write_lock: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
-        self._pending: asyncio.Queue[tuple[Accepted, asyncio.Future[None]]] = asyncio.Queue()
+        self._write_lock = write_lock or _no_lock
+        self._pending: asyncio.Queue[tuple[Accepted | Unit, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
 
@@ -73,14 +91,25 @@ class Enqueuer:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            self._task = None
 
     async def commit(self, accepted: Accepted) -> None:
         """Returns once the rows are durably committed; raises if they are not."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._pending.put((accepted, fut))
+        await self._submit(accepted)
+
+    async def run(self, unit: Unit) -> Any:
+        """Run ``unit(session)`` inside the next group's transaction; its result once committed."""
+        if self._task is None:            # not serving (a command, a test harness): on its own
+            async with self._sessions.begin() as s:
+                return await unit(s)
+        return await self._submit(unit)
+
+    async def _submit(self, entry: Accepted | Unit) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._pending.put((entry, fut))
         # Shielded: a session that is cancelled meanwhile must not cancel the commit
         # that other sessions' messages share (all-or-nothing per group).
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
 
     async def _run(self) -> None:
         while True:
@@ -88,31 +117,81 @@ class Enqueuer:
             while len(batch) < self._max_batch and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
             try:
-                async with self._sessions.begin() as s:
-                    for accepted, _ in batch:
-                        s.add_all(accepted.items)
-                        await s.flush()
-                        s.add_all(accepted.recipients)
-                        s.add_all(accepted.extra)
-            except Exception as exc:  # the database refused: every message of the group fails
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StorageError(str(exc)))
-                continue
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+                results = await self._write([entry for entry, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1 or _storage_trouble(exc):
+                    for _, fut in batch:
+                        _fail(fut, exc)
+                    continue
+                results = []
+                for entry, fut in batch:          # one at a time: only the broken entry fails
+                    try:
+                        results.append((await self._write([entry]))[0])
+                    except Exception as one:
+                        _fail(fut, one)
+                        results.append(_FAILED)
+            for (_, fut), result in zip(batch, results):
+                if not fut.done() and result is not _FAILED:
+                    fut.set_result(result)
             self.wakeup.set()
+
+    async def _write(self, entries: list[Accepted | Unit]) -> list[Any]:
+        rows: dict[type, list[dict[str, Any]]] = {}
+        for entry in entries:
+            if isinstance(entry, Accepted):
+                for obj in (*entry.items, *entry.recipients, *entry.extra):
+                    rows.setdefault(type(obj), []).append(_values(obj))
+        results: list[Any] = []
+        async with self._write_lock():
+            async with self._sessions.begin() as s:
+                # Queue items first (recipients refer to them), then every other table.
+                for model in sorted(rows, key=lambda m: m is not QueueItem):
+                    await s.execute(insert(model), rows[model])
+                for entry in entries:
+                    results.append(None if isinstance(entry, Accepted) else await entry(s))
+        return results
+
+
+_FAILED = object()
+
+
+@asynccontextmanager
+async def _no_lock() -> AsyncIterator[None]:
+    yield
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    """An ORM object's set attributes, for a bulk INSERT."""
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def _storage_trouble(exc: Exception) -> bool:
+    """The database itself failed (locked, read-only, full, gone): every entry would fail alike."""
+    return isinstance(exc, (OperationalError, OSError)) or isinstance(getattr(exc, "orig", None), OSError)
+
+
+def _fail(fut: asyncio.Future[Any], exc: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(StorageError(str(exc)))
 
 
 class StorageError(RuntimeError):
     """The queue could not commit; the SMTP answer is 451 4.3.0."""
 
 
-async def claim(sessions: async_sessionmaker[AsyncSession], owner: str, limit: int,
+async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit) -> Any:
+    """``unit`` in the serving process's group commit, or in a transaction of its own."""
+    if isinstance(db, Enqueuer):
+        return await db.run(unit)
+    async with db.begin() as s:
+        return await unit(s)
+
+
+async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, limit: int,
                 lease: float, now: float | None = None) -> list[Claimed]:
     now = time.time() if now is None else now
-    async with sessions.begin() as s:
+
+    async def unit(s: AsyncSession) -> list[Claimed]:
         due = (select(QueueItem.id)
                .where(QueueItem.status == "queued", QueueItem.next_attempt_at <= now,
                       or_(QueueItem.lease_until.is_(None), QueueItem.lease_until < now))
@@ -128,20 +207,23 @@ async def claim(sessions: async_sessionmaker[AsyncSession], owner: str, limit: i
         items = (await s.execute(select(QueueItem).where(QueueItem.id.in_(ids)))).scalars().all()
         rcpts = (await s.execute(select(QueueRecipient).where(
             QueueRecipient.queue_id.in_(ids), QueueRecipient.status == "pending"))).scalars().all()
-    by_item: dict[str, list[tuple[int, str, str]]] = {}
-    for r in rcpts:
-        by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
-    return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                    tuple(by_item.get(i.id, ())), i.delay_notified, i.session_id) for i in items]
+        by_item: dict[str, list[tuple[int, str, str]]] = {}
+        for r in rcpts:
+            by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
+        return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
+                        tuple(by_item.get(i.id, ())), i.delay_notified, i.session_id) for i in items]
+    return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
-async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str,
+async def record_attempt(db: async_sessionmaker[AsyncSession] | Enqueuer, item: Claimed, owner: str,
                          delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
                          retry_at: float, notices: Sequence[tuple[QueueItem, QueueRecipient]] = (),
                          delay_notified: bool = False) -> str:
     """Store the outcome of one delivery attempt, per recipient, with any notices it caused,
     in one transaction. Returns the item's new status (queued while anything is deferred)."""
-    async with sessions.begin() as s:
+    status = "queued" if deferred else "done"
+
+    async def unit(s: AsyncSession) -> None:
         if delivered:
             await s.execute(update(QueueRecipient).where(QueueRecipient.id.in_(delivered))
                             .values(status="delivered", last_error=None))
@@ -151,7 +233,6 @@ async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claim
         for rid, error in deferred.items():
             await s.execute(update(QueueRecipient).where(QueueRecipient.id == rid)
                             .values(last_error=error))
-        status = "queued" if deferred else "done"
         last_error = next(iter(deferred.values()), None) or next(iter(failed.values()), None)
         values: dict[str, Any] = dict(status=status, attempts=QueueItem.attempts + 1, next_attempt_at=retry_at,
                                       lease_owner=None, lease_until=None, last_error=last_error)
@@ -171,6 +252,7 @@ async def record_attempt(sessions: async_sessionmaker[AsyncSession], item: Claim
         s.add_all(MessageEvent(queue_id=item.id, at=time.time(), event="dsn.queued", detail=_json(
             notice=notice.id, action="delayed" if b"Action: delayed" in notice.body else "failed"))
             for notice, _ in notices)
+    await _transact(db, unit)
     return status
 
 
@@ -223,10 +305,10 @@ def _header_end(body: bytes) -> int:
     return len(body) if end < 0 else end + 2
 
 
-async def record_error(sessions: async_sessionmaker[AsyncSession], item: Claimed, owner: str, error: str,
+async def record_error(db: async_sessionmaker[AsyncSession] | Enqueuer, item: Claimed, owner: str, error: str,
                        retry_at: float, max_errors: int) -> str:
     """Processing failed (a bug or a broken row, not a delivery failure): count it, hold at the limit."""
-    async with sessions.begin() as s:
+    async def unit(s: AsyncSession) -> str:
         errors = (await s.execute(select(QueueItem.errors).where(QueueItem.id == item.id))).scalar_one() + 1
         status = "hold" if errors >= max_errors else "queued"
         await s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
@@ -234,13 +316,14 @@ async def record_error(sessions: async_sessionmaker[AsyncSession], item: Claimed
                                 lease_until=None, last_error=error))
         s.add(MessageEvent(queue_id=item.id, at=time.time(), event="delivery.error",
                            detail=_json(error=_scrubber(item)[1](error), errors=errors, status=status)))
-    return status
+        return status
+    return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
-async def add_notice(sessions: async_sessionmaker[AsyncSession], notice: QueueItem, rcpt: QueueRecipient,
+async def add_notice(db: async_sessionmaker[AsyncSession] | Enqueuer, notice: QueueItem, rcpt: QueueRecipient,
                      fail_recipients_of: str | None = None, error: str | None = None) -> None:
     """Queue a notice; optionally mark every recipient of another item failed (inbound bounce)."""
-    async with sessions.begin() as s:
+    async def unit(s: AsyncSession) -> None:
         if fail_recipients_of:
             await s.execute(update(QueueRecipient).where(QueueRecipient.queue_id == fail_recipients_of)
                             .values(status="failed", last_error=error))
@@ -250,6 +333,7 @@ async def add_notice(sessions: async_sessionmaker[AsyncSession], notice: QueueIt
         s.add(notice)
         await s.flush()
         s.add(rcpt)
+    await _transact(db, unit)
 
 
 async def get_item(sessions: async_sessionmaker[AsyncSession], queue_id: str) -> tuple[QueueItem, list[QueueRecipient]] | None:

@@ -54,12 +54,12 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
         raise StartupError("the database schema is not current; run 'bsm-relay init' first")
     sessions = db.sessionmaker(engine)
     try:
-        resolver = make_resolver(settings.dns.nameservers, settings.dns.timeout)
+        resolver = make_resolver(settings.dns.nameservers, settings.dns.timeout, cache=True)
     except dns.resolver.NoResolverConfiguration:
         await engine.dispose()
         raise StartupError("no DNS resolver: the system has none configured; set [dns] nameservers") from None
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
-                 store=Store(sessions), enqueuer=Enqueuer(sessions), redactor=redactor,
+                 store=Store(sessions), enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url)), redactor=redactor,
                  bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
                  resolver=resolver)
 
@@ -219,7 +219,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     relay.enqueuer.start()
     deliverer = Deliverer(settings, relay.sessions, make_target(settings, relay.resolver), relay.enqueuer.wakeup,
-                          signer=load_signer(settings))
+                          signer=load_signer(settings), writer=relay.enqueuer)
     deliverer.start()
     running = Running(relay, contexts)
     stop = asyncio.Event()
