@@ -378,3 +378,17 @@ def test_sighup_reloads_a_limit_and_says_what_changed(tmp_path):
     one.close()
     assert relay.stop() == 0
     assert "Traceback" not in relay.log()
+
+
+def test_clients_that_connect_and_close_at_once_do_not_hold_session_slots(tmp_path):
+    """A connect-and-close flood (each client gone before its greeting) must not keep counting
+    against max_sessions_per_ip: on uvloop such a transport was never closed (issue 7)."""
+    relay = make_relay(tmp_path)
+    with_smtp(relay, "max_sessions_per_ip = 2")
+    start(relay)
+    for _ in range(20):
+        socket.create_connection(("127.0.0.1", relay.port)).close()
+    first, second = greeted(relay.port), greeted(relay.port)   # both slots free again
+    assert first.cmd("EHLO ok.test").startswith("250")
+    assert second.cmd("QUIT").startswith("221")
+    assert relay.stop() == 0

@@ -243,6 +243,17 @@ _REMOTE_CSS_URL_RE = re.compile(r"(url\(\s*(?:&quot;|[\"'])?)" + _REMOTE + r"[^)
 _REMOTE_CSS_IMPORT_RE = re.compile(r"@import\s+(?:&quot;|[\"'])" + _REMOTE + r"[^\"';\s&]*+(?:&quot;|[\"'])?",
                                    re.IGNORECASE)
 _HREF_RE = re.compile(r"(\bhref\s*=\s*)(\"[^\"]*+\"|'[^']*+'|[^\s\"'>]++)", re.IGNORECASE)
+# A character reference ("&#64;", "&commat;", "&#x40") is how an address hides in an attribute value
+# or an RCDATA element, which browsers decode; see _HtmlMasker.refs.
+_CHAR_REF_RE = re.compile(r"&(?:#[0-9]{1,8};?|#[xX][0-9a-fA-F]{1,8};?|[A-Za-z][A-Za-z0-9]{0,31};?)")
+
+
+def _plain_ref(match: re.Match[str]) -> str:
+    """The character a reference stands for, unless it is one markup reads (quotes, <, >, &, space)."""
+    decoded = html_lib.unescape(match.group(0))
+    if decoded == match.group(0) or any(c in "\"'<>&" or c.isspace() for c in decoded):
+        return match.group(0)
+    return decoded
 
 
 def _segments(markup: str) -> Iterator[tuple[str, str, str]]:
@@ -302,6 +313,19 @@ class _HtmlMasker(_Masker):
         # Re-escape only what changed, so untouched text keeps its exact bytes.
         return segment if masked == plain else html_lib.escape(masked, quote=False)
 
+    def refs(self, segment: str) -> str:
+        """Mask addresses in markup other than text: as written, and as written with character
+        references (``<a href="mailto:bob&#64;x.example">``, a ``title`` or a ``<textarea>``).
+        The references are decoded only in a segment where that finds something to mask."""
+        segment = self.emails(segment)
+        if "&" in segment:
+            decoded = _CHAR_REF_RE.sub(_plain_ref, segment)
+            if decoded != segment:
+                masked = self.emails(decoded)
+                if masked != decoded:
+                    return masked
+        return segment
+
     def remote(self, segment: str, subs: Iterable[tuple[re.Pattern[str], str]]) -> str:
         """Strip remote references from a tag or style block (or note them)."""
         action = self.rules.remote_images
@@ -323,7 +347,7 @@ class _HtmlMasker(_Masker):
                 # The whole tag goes; a stray closing tag left behind is harmless.
                 return ""
         tag = self.remote(tag, ((_REMOTE_BACKGROUND_RE, ""), (_REMOTE_CSS_URL_RE, r"\1")))
-        tag = self.emails(tag)
+        tag = self.refs(tag)
         if name != "link" and "href" in tag.lower():
             tag = _HREF_RE.sub(self._href, tag)
         return tag
@@ -354,12 +378,12 @@ def _walk_html(markup: str, masker: _HtmlMasker) -> str:
         elif kind == "tag":
             out.append(masker.tag(segment, name))
         elif kind == "raw" and name == "style":
-            out.append(masker.emails(masker.remote(
+            out.append(masker.refs(masker.remote(
                 segment, ((_REMOTE_CSS_URL_RE, r"\1"), (_REMOTE_CSS_IMPORT_RE, "")))))
         else:
             # Comments (Outlook's conditional markup) and scripts are not shown,
-            # but they reach the recipient: addresses still go.
-            out.append(masker.emails(segment))
+            # but they reach the recipient: addresses still go.  Titles and textareas are.
+            out.append(masker.refs(segment))
     return "".join(out)
 
 

@@ -112,8 +112,10 @@ def _part(walk: _Walk, headers: Message, offsets: tuple[int, int, int], end: int
         _multipart(walk, headers, start, end, depth)
         return
     cte = str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-    if ctype == "message/rfc822" and cte in ("7bit", "8bit", "binary"):
+    if headers.get_content_maintype() == "message" and cte in ("7bit", "8bit", "binary"):
         # A forwarded message: its text is shown to the reader, so it is read (and masked) too.
+        # Any message/* subtype (message/global, an unknown one): the stdlib parser, and mail
+        # clients with it, read them all as a message.
         _child(walk, start, end, depth)
         return
     data = _decode_content(walk.body[start:end], cte)
@@ -137,7 +139,9 @@ def _multipart(walk: _Walk, headers: Message, start: int, end: int, depth: int) 
     boundary = headers.get_boundary()
     if not boundary:
         raise MalformedMime("multipart without a boundary")
-    delimiter = b"--" + boundary.encode("ascii", "surrogateescape")
+    if not boundary.isascii():  # RFC 2046 bchars; the stdlib hands non-ASCII back as U+FFFD
+        raise MalformedMime("non-ASCII multipart boundary")
+    delimiter = b"--" + boundary.encode("ascii")
     body = walk.body
     # Delimiter lines: "--boundary" at a line start, then "--" (close) or nothing, then
     # optional transport padding (as the stdlib parser and mail clients read them).  The
@@ -258,6 +262,10 @@ def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewr
             top_headers.update(fields)
         elif fields:
             pieces.append(replace_header_lines(body[leaf.header_start:leaf.header_end], fields))
+            if leaf.body_start == leaf.header_end:
+                # No blank line after the part's headers (the content began at a line that is no
+                # field): one now ends the new fields, so nothing in the content reads as one.
+                pieces.append(b"\r\n")
         else:
             pieces.append(body[leaf.header_start:leaf.header_end])
         pieces.append(body[leaf.header_end:leaf.body_start])
@@ -312,10 +320,16 @@ def _qp(lines: list[bytes]) -> bytes:
 
 
 def _with_charset(headers: Message, charset: str) -> str:
-    copy = Message(policy=email.policy.compat32)
-    copy["Content-Type"] = headers.get("Content-Type", "text/plain")
-    copy.set_param("charset", charset, header="Content-Type")
-    return str(copy["Content-Type"])
+    value = headers.get("Content-Type", "text/plain")
+    if isinstance(value, str) and value.isascii():   # (non-ASCII bytes come back as a Header)
+        copy = Message(policy=email.policy.compat32)
+        copy["Content-Type"] = value
+        copy.set_param("charset", charset, header="Content-Type")
+        value = str(copy["Content-Type"])
+        if value.isascii() and not re.search(r"[\r\n\x00]", value):
+            return value
+    # A value that cannot be written back as it was: the type and the charset alone.
+    return f'{headers.get_content_type()}; charset="{charset}"'
 
 
 _FIELD_START = re.compile(rb"(?m)^(?=[!-9;-~]+:)")
@@ -330,9 +344,10 @@ def replace_header_lines(block: bytes, fields: Mapping[str, str]) -> bytes:
     names = {n.lower() for n in fields}
     kept: list[bytes] = []
     starts = [m.start() for m in _FIELD_START.finditer(block)]
-    if starts and starts[0] != 0:
-        kept.append(block[:starts[0]])
-    for begin, stop in zip(starts, starts[1:] + [len(block)], strict=True):
+    first = starts[0] if starts else len(block)   # a part may have no header field at all
+    if first:
+        kept.append(block[:first])
+    for begin, stop in zip(starts, (starts[1:] + [len(block)]) if starts else [], strict=True):
         line = block[begin:stop]
         name = line.split(b":", 1)[0].decode("ascii").lower()
         if name not in names:

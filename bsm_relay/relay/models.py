@@ -8,6 +8,7 @@ Schema changes go through Alembic (``relay/migrations``), never ``create_all``.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -62,7 +63,8 @@ class Buyer(Base):
 
 class Order(Base):
     __tablename__ = "orders"
-    __table_args__ = (Index("ix_orders_pair", "seller_id", "buyer_id"),)
+    __table_args__ = (Index("ix_orders_pair", "seller_id", "buyer_id"),
+                      Index("ix_orders_seller_placed", "seller_id", "placed_at"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ext_id: Mapped[str] = mapped_column(String(64), unique=True)
     seller_id: Mapped[int] = mapped_column(ForeignKey("sellers.id", ondelete="CASCADE"))
@@ -167,3 +169,12 @@ class MessageEvent(Base):
     at: Mapped[float] = mapped_column(Float)
     event: Mapped[str] = mapped_column(String(32))   # delivery.attempt | delivery.error | dsn.queued | bounce.received
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class FactsGeneration(Base):
+    """One row: a counter the database's triggers bump whenever a cached fact changes
+    (migration 0004; read by ``relay/factcache.py``)."""
+
+    __tablename__ = "facts_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)

@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -136,23 +136,30 @@ class Enqueuer:
             self.wakeup.set()
 
     async def _write(self, entries: list[Accepted | Unit]) -> list[Any]:
-        rows: dict[type, list[dict[str, Any]]] = {}
+        # Plain INSERTs, one executemany per table and set of columns: the ORM's unit of work
+        # costs more than the database here.  Queue items first (recipients refer to them).
+        rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
         for entry in entries:
             if isinstance(entry, Accepted):
                 for obj in (*entry.items, *entry.recipients, *entry.extra):
-                    rows.setdefault(type(obj), []).append(_values(obj))
+                    values = _values(obj)
+                    rows.setdefault((type(obj).__table__, frozenset(values)), []).append(values)
         results: list[Any] = []
         async with self._write_lock():
             async with self._sessions.begin() as s:
-                # Queue items first (recipients refer to them), then every other table.
-                for model in sorted(rows, key=lambda m: m is not QueueItem):
-                    await s.execute(insert(model), rows[model])
+                for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
+                    await s.execute(key[0].insert(), rows[key])
                 for entry in entries:
                     results.append(None if isinstance(entry, Accepted) else await entry(s))
         return results
 
 
 _FAILED = object()
+# Core tables: the delivery path's statements skip the ORM (its bulk UPDATE/INSERT machinery
+# costs several times the statement itself).
+_QUEUE = QueueItem.__table__
+_RCPTS = QueueRecipient.__table__
+_EVENTS = MessageEvent.__table__
 
 
 @asynccontextmanager
@@ -192,26 +199,30 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
     now = time.time() if now is None else now
 
     async def unit(s: AsyncSession) -> list[Claimed]:
-        due = (select(QueueItem.id)
-               .where(QueueItem.status == "queued", QueueItem.next_attempt_at <= now,
-                      or_(QueueItem.lease_until.is_(None), QueueItem.lease_until < now))
-               .order_by(QueueItem.next_attempt_at).limit(limit))
+        q = _QUEUE.c
+        due = (select(q.id)
+               .where(q.status == "queued", q.next_attempt_at <= now,
+                      or_(q.lease_until.is_(None), q.lease_until < now))
+               .order_by(q.next_attempt_at).limit(limit))
         if s.bind.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
         ids = list((await s.execute(
-            update(QueueItem).where(QueueItem.id.in_(due.scalar_subquery()))
+            _QUEUE.update().where(q.id.in_(due.scalar_subquery()))
             .values(lease_owner=owner, lease_until=now + lease)
-            .returning(QueueItem.id))).scalars())
+            .returning(q.id))).scalars())
         if not ids:
             return []
-        items = (await s.execute(select(QueueItem).where(QueueItem.id.in_(ids)))).scalars().all()
-        rcpts = (await s.execute(select(QueueRecipient).where(
-            QueueRecipient.queue_id.in_(ids), QueueRecipient.status == "pending"))).scalars().all()
+        items = (await s.execute(select(q.id, q.kind, q.envelope_from, q.origin_sender, q.body, q.attempts,
+                                        q.created_at, q.delay_notified, q.session_id)
+                                 .where(q.id.in_(ids)))).all()
+        r = _RCPTS.c
+        rcpts = (await s.execute(select(r.id, r.queue_id, r.address, r.alias).where(
+            r.queue_id.in_(ids), r.status == "pending"))).all()
         by_item: dict[str, list[tuple[int, str, str]]] = {}
-        for r in rcpts:
-            by_item.setdefault(r.queue_id, []).append((r.id, r.address, r.alias))
+        for rid, qid, address, alias in rcpts:
+            by_item.setdefault(qid, []).append((rid, address, alias))
         return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                        tuple(by_item.get(i.id, ())), i.delay_notified, i.session_id) for i in items]
+                        tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id) for i in items]
     return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
@@ -224,34 +235,33 @@ async def record_attempt(db: async_sessionmaker[AsyncSession] | Enqueuer, item: 
     status = "queued" if deferred else "done"
 
     async def unit(s: AsyncSession) -> None:
+        r = _RCPTS.c
         if delivered:
-            await s.execute(update(QueueRecipient).where(QueueRecipient.id.in_(delivered))
-                            .values(status="delivered", last_error=None))
+            await s.execute(_RCPTS.update().where(r.id.in_(delivered)).values(status="delivered", last_error=None))
         for rid, error in failed.items():
-            await s.execute(update(QueueRecipient).where(QueueRecipient.id == rid)
-                            .values(status="failed", last_error=error))
+            await s.execute(_RCPTS.update().where(r.id == rid).values(status="failed", last_error=error))
         for rid, error in deferred.items():
-            await s.execute(update(QueueRecipient).where(QueueRecipient.id == rid)
-                            .values(last_error=error))
+            await s.execute(_RCPTS.update().where(r.id == rid).values(last_error=error))
         last_error = next(iter(deferred.values()), None) or next(iter(failed.values()), None)
-        values: dict[str, Any] = dict(status=status, attempts=QueueItem.attempts + 1, next_attempt_at=retry_at,
+        q = _QUEUE.c
+        values: dict[str, Any] = dict(status=status, attempts=q.attempts + 1, next_attempt_at=retry_at,
                                       lease_owner=None, lease_until=None, last_error=last_error)
         if delay_notified:
             values["delay_notified"] = True
         if status == "done":
             # Keep only the header block: enough for trace and for a late bounce's DSN.
             values["body"] = item.body[:_header_end(item.body)]
-        await s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.lease_owner == owner)
-                        .values(**values))
+        await s.execute(_QUEUE.update().where(q.id == item.id, q.lease_owner == owner).values(**values))
         for notice, rcpt in notices:
             s.add(notice)
             await s.flush()
             s.add(rcpt)
         # trace's history, in the same transaction (no extra commit on the delivery path).
-        s.add(_attempt_event(item, delivered, failed, deferred, status, retry_at))
-        s.add_all(MessageEvent(queue_id=item.id, at=time.time(), event="dsn.queued", detail=_json(
-            notice=notice.id, action="delayed" if b"Action: delayed" in notice.body else "failed"))
-            for notice, _ in notices)
+        events = [_attempt_event(item, delivered, failed, deferred, status, retry_at)]
+        events += [_event(item.id, "dsn.queued", notice=notice.id,
+                          action="delayed" if b"Action: delayed" in notice.body else "failed")
+                   for notice, _ in notices]
+        await s.execute(_EVENTS.insert(), events)
     await _transact(db, unit)
     return status
 
@@ -287,17 +297,20 @@ def _scrubber(item: Claimed) -> tuple[dict[int, str], Callable[[str], str]]:
     return shown, scrub
 
 
+def _event(queue_id: str, event: str, **detail: Any) -> dict[str, Any]:
+    return {"queue_id": queue_id, "at": time.time(), "event": event, "detail": _json(**detail)}
+
+
 def _attempt_event(item: Claimed, delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
-                   status: str, retry_at: float) -> MessageEvent:
+                   status: str, retry_at: float) -> dict[str, Any]:
     shown, scrub = _scrubber(item)
     rcpts = [{"alias": shown.get(rid, "?"), "outcome": "delivered"} for rid in delivered]
     rcpts += [{"alias": shown.get(rid, "?"), "outcome": "failed", "reply": scrub(text)} for rid, text in failed.items()]
     rcpts += [{"alias": shown.get(rid, "?"), "outcome": "deferred", "reply": scrub(text)}
               for rid, text in deferred.items()]
-    now = time.time()
-    return MessageEvent(queue_id=item.id, at=now, event="delivery.attempt", detail=_json(
-        attempt=item.attempts + 1, kind=item.kind, status=status, recipients=rcpts,
-        latency=round(now - item.created_at, 3), next_attempt_at=retry_at if status == "queued" else None))
+    return _event(item.id, "delivery.attempt", attempt=item.attempts + 1, kind=item.kind, status=status,
+                  recipients=rcpts, latency=round(time.time() - item.created_at, 3),
+                  next_attempt_at=retry_at if status == "queued" else None)
 
 
 def _header_end(body: bytes) -> int:

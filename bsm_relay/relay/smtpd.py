@@ -172,6 +172,16 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session here and asks the transport to stay half open.  When the
+        # client went away before its session coroutine ever ran (connect and close at once),
+        # nothing closes that transport afterwards: with uvloop it then never reports the loss,
+        # and the session would hold its place under max_sessions / max_sessions_per_ip for
+        # ever (a connect-and-close flood would lock everyone out).  The client can send
+        # nothing more: close.
+        super().eof_received()
+        return False
+
     def connection_lost(self, error: Exception | None) -> None:
         self.gate.release(self)
         super().connection_lost(error)

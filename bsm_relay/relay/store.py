@@ -6,15 +6,21 @@ the async engine, so no database work ever blocks the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..policy.senders import SenderStatus
+from .factcache import FactsCache
 from .models import Buyer, MessageLog, Order, RevokedAlias, Seller, SellerAddress, ThreadId
+
+T = TypeVar("T")
+_DAY = 86400.0
 
 ORDER_STATUSES = ("pending", "unshipped", "shipped", "delivered", "canceled")
 ADDRESS_STATUSES = ("approved", "pending", "blocked")
@@ -48,8 +54,14 @@ def normalize_address(address: str) -> str:
 
 
 class Store:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """``cache``: the serving relay's :class:`FactsCache` (None: every read goes to the database)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: FactsCache | None = None) -> None:
         self.sessions = sessions
+        self.cache = cache
+
+    async def _cached(self, key: tuple[Any, ...], load: Callable[[], Awaitable[T]]) -> T:
+        return await (self.cache.get(key, load) if self.cache is not None else load())
 
     # -- sellers -----------------------------------------------------------------
     async def add_seller(self, ext_id: str, name: str, email: str) -> SellerRow:
@@ -79,11 +91,14 @@ class Store:
         address = normalize_address(address)
         if address.lower() == seller.email.lower():
             return SenderStatus.PRIMARY
-        async with self.sessions() as s:
-            stmt = select(SellerAddress.status).where(
-                SellerAddress.seller_id == seller.id, func.lower(SellerAddress.address) == address.lower())
-            status = (await s.execute(stmt)).scalar_one_or_none()
-        return SenderStatus(status) if status else SenderStatus.UNKNOWN
+
+        async def load() -> SenderStatus:
+            async with self.sessions() as s:
+                stmt = select(SellerAddress.status).where(
+                    SellerAddress.seller_id == seller.id, func.lower(SellerAddress.address) == address.lower())
+                status = (await s.execute(stmt)).scalar_one_or_none()
+            return SenderStatus(status) if status else SenderStatus.UNKNOWN
+        return await self._cached(("status", seller.id, address.lower()), load)
 
     async def record_attempt(self, seller_id: int, address: str) -> None:
         """An unapproved address tried to send: record it as pending (or count the try)."""
@@ -234,15 +249,20 @@ class Store:
             return (await s.execute(select(func.count()).select_from(Seller))).scalar_one() == 0
 
     async def resolve_pair(self, seller_id: int, buyer_id: int, token: str) -> tuple[SellerRow, BuyerRow] | None:
-        """The pair behind an authenticated token, unless revoked: one session at RCPT time."""
-        async with self.sessions() as s:
-            if await s.get(RevokedAlias, token.lower()) is not None:
-                return None
-            seller = await s.get(Seller, seller_id)
-            buyer = await s.get(Buyer, buyer_id)
-            if seller is None or buyer is None:
-                return None
-            return _seller(seller), _buyer(buyer)
+        """The pair behind an authenticated token, unless revoked: read at RCPT time, where the
+        facts cache is refreshed for the message (one shared read of the change counter)."""
+        async def load() -> tuple[SellerRow, BuyerRow] | None:
+            async with self.sessions() as s:
+                if await s.get(RevokedAlias, token.lower()) is not None:
+                    return None
+                seller = await s.get(Seller, seller_id)
+                buyer = await s.get(Buyer, buyer_id)
+                if seller is None or buyer is None:
+                    return None
+                return _seller(seller), _buyer(buyer)
+        if self.cache is not None:
+            await self.cache.refresh()
+        return await self._cached(("pair", seller_id, buyer_id, token.lower()), load)
 
     # -- aliases ------------------------------------------------------------------
     async def is_revoked(self, token: str) -> bool:
@@ -318,26 +338,48 @@ class Store:
 
     async def policy_facts(self, seller_id: int, buyer_id: int, proactive_since: float,
                            orders_since: float, cap_for: Callable[[int], int]) -> PairFacts:
-        """Everything the marketplace rules read about a pair, in one session (one pool checkout,
-        one transaction) instead of one per fact: this runs for every message.
+        """Everything the marketplace rules read about a pair: this runs for every message.
 
-        The seller's proactive messages of the day are counted only up to the cap plus one
+        Addresses, the pair's orders and the seller's recent orders come from the facts cache
+        when the relay serves; the day's proactive count is read every time.  The seller's proactive messages of the day are counted only up to the cap plus one
         (``cap_for(orders in the window)``): that is all the rule needs, and it keeps the cost of
         the count bounded for a busy seller instead of growing with every message of the day."""
-        async with self.sessions() as s:
-            addresses = [r[0] for r in await s.execute(
-                select(SellerAddress.address).where(SellerAddress.seller_id == seller_id))]
-            orders = list((await s.execute(
-                select(Order).where(Order.seller_id == seller_id, Order.buyer_id == buyer_id)
-                .order_by(Order.placed_at.desc()))).scalars())
-            recent = int((await s.execute(select(func.count()).select_from(Order).where(
-                Order.seller_id == seller_id, Order.placed_at >= orders_since))).scalar_one())
-            bounded = (select(MessageLog.id).where(
-                MessageLog.seller_id == seller_id, MessageLog.at >= proactive_since,
-                MessageLog.proactive.is_(True), MessageLog.decision == "accepted")
-                .limit(cap_for(recent) + 1).subquery())
-            proactive = int((await s.execute(select(func.count()).select_from(bounded))).scalar_one())
-        return PairFacts(addresses, orders, proactive, recent)
+        async def addresses() -> list[str]:
+            async with self.sessions() as s:
+                return [r[0] for r in await s.execute(
+                    select(SellerAddress.address).where(SellerAddress.seller_id == seller_id))]
+
+        async def pair_orders() -> list[Order]:
+            async with self.sessions() as s:
+                return list((await s.execute(
+                    select(Order).where(Order.seller_id == seller_id, Order.buyer_id == buyer_id)
+                    .order_by(Order.placed_at.desc()))).scalars())
+
+        address_list = await self._cached(("addresses", seller_id), addresses)
+        orders = await self._cached(("orders", seller_id, buyer_id), pair_orders)
+        recent = await self._recent_orders(seller_id, orders_since)
+        log = MessageLog.__table__.c
+        bounded = (select(log.id).where(log.seller_id == seller_id, log.at >= proactive_since,
+                                        log.proactive.is_(True), log.decision == "accepted")
+                   .limit(cap_for(recent) + 1).subquery())
+        async with self.sessions.kw["bind"].connect() as conn:   # Core: no ORM session per message
+            proactive = int((await conn.execute(select(func.count()).select_from(bounded))).scalar_one())
+        return PairFacts(address_list, orders, proactive, recent)
+
+    async def _recent_orders(self, seller_id: int, since: float) -> int:
+        """How many orders the seller received since ``since``.  Cached as the placing times of
+        the seller's orders from a day before the window on, so the count stays exact as the
+        window slides; a window reaching further back than what was read loads again."""
+        async def load(start: float) -> tuple[float, list[float]]:
+            async with self.sessions() as s:
+                times = sorted(r[0] for r in await s.execute(select(Order.placed_at).where(
+                    Order.seller_id == seller_id, Order.placed_at >= start)))
+            return start, times
+
+        start, times = await self._cached(("placed", seller_id), lambda: load(since - _DAY))
+        if since < start:
+            start, times = await load(since)
+        return len(times) - bisect_left(times, since)
 
     async def claim_review_request(self, ext_id: str, at: float) -> bool:
         """Mark the order's review request as sent, unless it already was (one per order)."""
