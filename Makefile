@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 CONFIG ?=
 CFG     = $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test test-pg init bench lint clean
+.PHONY: run test test-pg init bench lint clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ test-pg: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Coverage-guided fuzzing of the parser, masking and rewrite for FUZZ_SECONDS (not part of `make test`;
+# see fuzz/README.md).  The seed corpus is copied to FUZZ_DIR, which keeps what the run found.
+FUZZ_SECONDS ?= 300
+FUZZ_DIR     ?= var/fuzz
+
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet atheris
+	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/crashes && cp -n fuzz/corpus/* $(FUZZ_DIR)/corpus/
+	$(BIN)/python fuzz/fuzz_rewrite.py $(FUZZ_DIR)/corpus -dict=fuzz/rewrite.dict \
+		-max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
+		-artifact_prefix=$(FUZZ_DIR)/crashes/ -print_final_stats=1 $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

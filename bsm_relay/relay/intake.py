@@ -147,16 +147,13 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         # approval's sentence (approve or unblock this address) is the one the sender can act on,
         # and an unknown address is still recorded as pending for the seller to review.  A message
         # from an approved address that is not authentic is then refused as auth.failed.
-        _t0 = time.perf_counter()
         authentic, auth_results = await _authenticate(relay, tx, sender.address)
-        _t1 = time.perf_counter()
         for rcpt in aliased:
             decision = await _approve(relay, rcpt, sender.address)
             decision = decision if not decision.accepted else authentic
             if not decision.accepted:
                 await _log_refusal(relay, tx, rcpt, decision)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
-        _t2 = time.perf_counter()
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
                                 parse_msg_ids(_first(headers, "References")))
@@ -168,7 +165,6 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
                 await _log_refusal(relay, tx, rcpt, verdict.decision, **verdict.log_fields)
                 return Outcome(verdict.decision, log={"alias": rcpt.address, **_ids(rcpt), **verdict.log_fields})
             verdicts.append(verdict)
-        _t3 = time.perf_counter()
         for rcpt, verdict in zip(aliased, verdicts):
             qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
                                        original_ids[0] if original_ids else None, thread_ids,
@@ -195,11 +191,8 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         assert rcpt.bounce_of is not None
         outcome = await bounce_in.handle(relay, rcpt.bounce_of, tx.mail_from, tx.content)
         first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
-    _t4 = time.perf_counter()
     if acc.items:
         await relay.enqueuer.commit(acc)
-    import sys
-    if aliased: print("TIMING auth %.2f approve %.2f policy %.2f forward %.2f commit %.2f" % tuple(1000*x for x in (_t1-_t0, _t2-_t1, _t3-_t2, _t4-_t3, time.perf_counter()-_t4)), file=sys.stderr)
     return Outcome(ACCEPT, queue_ids, first_log)
 
 
