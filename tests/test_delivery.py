@@ -259,3 +259,24 @@ async def test_smarthost_starttls_required_and_auth(tmp_path, sessions):
     finally:
         secure.stop()
         plain.controller.stop()
+
+
+async def test_a_pooled_connection_the_smarthost_dropped_is_replaced_without_a_deferral(tmp_path):
+    """Connections used again within a moment skip the RSET check; if the server dropped one
+    meanwhile, the message goes out on a new connection instead of waiting for a retry."""
+    from bsm_relay.relay.delivery import SmarthostTarget
+    body = b"From: a@marketplace.example\r\nSubject: pooled\r\n\r\nhello\r\n"
+    with Sink() as first:
+        target = SmarthostTarget(settings_for(tmp_path, first.port))
+        result = await target.send("b@marketplace.example", ["r1@buyers.example"], body)
+        assert result.delivered == ["r1@buyers.example"]
+        first.wait_for(1)
+    # The server went away (its connections with it) and is back on the same port.
+    again = Sink()
+    again.port = first.port
+    again.controller = type(first.controller)(again.handler, hostname="127.0.0.1", port=first.port)
+    with again:
+        result = await target.send("b@marketplace.example", ["r2@buyers.example"], body)
+        assert result.delivered == ["r2@buyers.example"] and not result.deferred
+        assert [m.rcpt_tos for m in again.wait_for(1)] == [["r2@buyers.example"]]
+    await target.close()

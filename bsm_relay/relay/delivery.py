@@ -123,19 +123,12 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
                 code, _, text = reply("delivery.needs_8bitmime").partition(" ")
                 raise aiosmtplib.SMTPResponseException(int(code), text)
             options.append("BODY=8BITMIME")
-        await client.mail(envelope_from, options=options)
-        errors: dict[str, aiosmtplib.SMTPResponse] = {}
-        for rcpt in recipients:
-            try:
-                await client.rcpt(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                errors[rcpt] = aiosmtplib.SMTPResponse(exc.code, exc.message)
-        if len(errors) == len(recipients):
-            raise aiosmtplib.SMTPRecipientsRefused(
-                [aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt) for rcpt, r in errors.items()])
-        start = await client.execute_command(b"DATA")
-        if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        try:
+            # No PIPELINING (RFC 2920): aiosmtplib drops a reply that arrives before the previous
+            # one was read, so MAIL, RCPT and DATA wait for their replies one by one.
+            errors = await _envelope(client, envelope_from, recipients, options)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise _GoneBeforeData(str(exc)) from exc     # nothing was accepted: safe to send again
         assert client.protocol is not None
         client.protocol.write(data)
         client.protocol.write(b".\r\n")
@@ -152,6 +145,25 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
         except (ConnectionError, aiosmtplib.SMTPException):
             pass
         raise
+
+
+async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
+                    options: list[str]) -> dict[str, aiosmtplib.SMTPResponse]:
+    """MAIL, each RCPT and DATA one at a time: the recipients the server refused."""
+    await client.mail(envelope_from, options=options)
+    errors: dict[str, aiosmtplib.SMTPResponse] = {}
+    for rcpt in recipients:
+        try:
+            await client.rcpt(rcpt)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            errors[rcpt] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+    if len(errors) == len(recipients):
+        raise aiosmtplib.SMTPRecipientsRefused(
+            [aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt) for rcpt, r in errors.items()])
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return errors
 
 
 async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
@@ -180,6 +192,16 @@ async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Seq
     return result
 
 
+class _GoneBeforeData(aiosmtplib.SMTPServerDisconnected):
+    """The connection dropped before the server accepted any data of this message."""
+
+
+# A pooled connection used again within this many seconds is not checked with RSET first (one
+# round trip per message saved); should the server have dropped it meanwhile, the message goes
+# out again on a new connection (it was never sent).
+_FRESH = 2.0
+
+
 class SmarthostTarget:
     """Relay through one downstream SMTP server (host:port, STARTTLS, AUTH), reusing connections."""
 
@@ -190,7 +212,7 @@ class SmarthostTarget:
         self.user, self.password = d.smarthost_user, d.smarthost_password
         self.timeout = d.timeout
         self.helo = settings.smtp.hostname
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []     # (when it was put back, client)
         self._max_idle = max(1, min(d.workers, 8))
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -211,8 +233,12 @@ class SmarthostTarget:
     async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
         client: aiosmtplib.SMTP | None = None
         try:
+            unchecked = False
             while self._idle and client is None:
-                candidate = self._idle.pop()
+                returned, candidate = self._idle.pop()
+                if time.monotonic() - returned < _FRESH and candidate.is_connected:
+                    client, unchecked = candidate, True
+                    break
                 try:
                     await candidate.rset()          # still alive and in a clean state?
                     client = candidate
@@ -220,7 +246,13 @@ class SmarthostTarget:
                     candidate.close()
             if client is None:
                 client = await self._connect()
-            result = await smtp_send(client, envelope_from, recipients, body)
+            try:
+                result = await smtp_send(client, envelope_from, recipients, body)
+            except _GoneBeforeData:
+                if not unchecked:
+                    raise
+                client = await self._connect()
+                result = await smtp_send(client, envelope_from, recipients, body)
         except _Temporary as exc:
             return Result(deferred={r: str(exc) for r in recipients})
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -229,14 +261,14 @@ class SmarthostTarget:
             return Result(deferred={r: f"451 4.4.1 connection to the smarthost failed: {type(exc).__name__}"
                                     for r in recipients})
         if client.is_connected and len(self._idle) < self._max_idle:
-            self._idle.append(client)
+            self._idle.append((time.monotonic(), client))
         elif client.is_connected:
             client.close()
         return result
 
     async def close(self) -> None:
         while self._idle:
-            client = self._idle.pop()
+            _, client = self._idle.pop()
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
