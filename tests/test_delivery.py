@@ -280,3 +280,25 @@ async def test_a_pooled_connection_the_smarthost_dropped_is_replaced_without_a_d
         assert result.delivered == ["r2@buyers.example"] and not result.deferred
         assert [m.rcpt_tos for m in again.wait_for(1)] == [["r2@buyers.example"]]
     await target.close()
+
+
+async def test_leases_of_dead_processes_on_this_host_are_released_at_start(tmp_path, sessions):
+    import os
+    import subprocess
+    from sqlalchemy import select, update
+
+    from bsm_relay.relay.delivery import _pid_alive
+    from bsm_relay.relay.models import QueueItem
+    from bsm_relay.relay.queue import release_dead_leases
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                    # a pid that no longer runs
+    owners = {"qdead": f"hostA:{dead.pid}:aa", "qlive": f"hostA:{os.getpid()}:bb", "qother": f"hostB:{dead.pid}:cc"}
+    for qid, owner in owners.items():
+        await enqueue(sessions, qid, [(BUYERS[0], ALIASES[0])])
+        async with sessions.begin() as s:
+            await s.execute(update(QueueItem).where(QueueItem.id == qid)
+                            .values(lease_owner=owner, lease_until=time.time() + 600))
+    assert await release_dead_leases(sessions, "hostA", _pid_alive) == 1
+    async with sessions() as s:
+        left = {i.id: i.lease_owner for i in (await s.execute(select(QueueItem))).scalars()}
+    assert left == {"qdead": None, "qlive": owners["qlive"], "qother": owners["qother"]}

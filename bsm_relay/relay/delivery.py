@@ -29,7 +29,7 @@ from . import log, mx
 from .dkim import DkimSigner
 from .headers import split_message
 from .notify import Failure, may_notify, notice_rows
-from .queue import Claimed, Enqueuer, claim, record_attempt, record_error
+from .queue import Claimed, Enqueuer, claim, record_attempt, record_error, release_dead_leases
 from .retry import backoff, delay_notice_due, enhanced_status, expired
 
 
@@ -341,6 +341,16 @@ def make_target(settings: Settings, resolver: object = None) -> Target:
     return MaildirTarget(Path(settings.delivery.maildir))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's process: alive
+        return True
+    return True
+
+
 class Deliverer:
     """Claims due items and delivers them, at most ``workers`` at a time."""
 
@@ -375,6 +385,12 @@ class Deliverer:
             await close()
 
     async def _run(self) -> None:
+        try:
+            freed = await release_dead_leases(self.db, socket.gethostname(), _pid_alive)
+            if freed:
+                self.log.info("queue.leases_released", items=freed)
+        except Exception as exc:  # never keeps delivery from starting; the leases run out anyway
+            self.log.error("store.error", stage="release_leases", error_type=type(exc).__name__)
         while not self._stopping.is_set():
             free = self.settings.delivery.workers - len(self._inflight)
             items: list[Claimed] = []

@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -58,6 +58,22 @@ class Claimed:
 Unit = Callable[[AsyncSession], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """An attempt that delivered every pending recipient, the common case: written in bulk
+    with the rest of its group (three statements for the whole group, not three per item)."""
+
+    item_id: str
+    owner: str
+    recipient_ids: tuple[int, ...]
+    header_block: bytes               # what the item keeps once done (trace, a late bounce's DSN)
+    retry_at: float
+    event: dict[str, Any]
+
+
+Entry = Accepted | Delivered | Unit
+
+
 class Enqueuer:
     """The serving process's one writer: group commit of everything it writes.
 
@@ -77,7 +93,7 @@ class Enqueuer:
         self._sessions = sessions
         self._max_batch = max_batch
         self._write_lock = write_lock or _no_lock
-        self._pending: asyncio.Queue[tuple[Accepted | Unit, asyncio.Future[Any]]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
 
@@ -93,7 +109,7 @@ class Enqueuer:
                 pass
             self._task = None
 
-    async def commit(self, accepted: Accepted) -> None:
+    async def commit(self, accepted: Accepted | Delivered) -> None:
         """Returns once the rows are durably committed; raises if they are not."""
         await self._submit(accepted)
 
@@ -104,7 +120,7 @@ class Enqueuer:
                 return await unit(s)
         return await self._submit(unit)
 
-    async def _submit(self, entry: Accepted | Unit) -> Any:
+    async def _submit(self, entry: Entry) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._pending.put((entry, fut))
         # Shielded: a session that is cancelled meanwhile must not cancel the commit
@@ -135,7 +151,7 @@ class Enqueuer:
                     fut.set_result(result)
             self.wakeup.set()
 
-    async def _write(self, entries: list[Accepted | Unit]) -> list[Any]:
+    async def _write(self, entries: list[Entry]) -> list[Any]:
         # Plain INSERTs, one executemany per table and set of columns: the ORM's unit of work
         # costs more than the database here.  Queue items first (recipients refer to them).
         rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
@@ -149,8 +165,14 @@ class Enqueuer:
             async with self._sessions.begin() as s:
                 for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
                     await s.execute(key[0].insert(), rows[key])
+                done = [e for e in entries if isinstance(e, Delivered)]
+                if done:
+                    await s.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
+                    await s.execute(_ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
+                                                  "b_body": d.header_block} for d in done])
+                    await s.execute(_EVENTS.insert(), [d.event for d in done])
                 for entry in entries:
-                    results.append(None if isinstance(entry, Accepted) else await entry(s))
+                    results.append(None if isinstance(entry, (Accepted, Delivered)) else await entry(s))
         return results
 
 
@@ -160,6 +182,11 @@ _FAILED = object()
 _QUEUE = QueueItem.__table__
 _RCPTS = QueueRecipient.__table__
 _EVENTS = MessageEvent.__table__
+_RCPT_DELIVERED = (_RCPTS.update().where(_RCPTS.c.id == bindparam("b_id"))
+                   .values(status="delivered", last_error=None))
+_ITEM_DONE = (_QUEUE.update().where(_QUEUE.c.id == bindparam("b_id"), _QUEUE.c.lease_owner == bindparam("b_owner"))
+              .values(status="done", attempts=_QUEUE.c.attempts + 1, next_attempt_at=bindparam("b_at"),
+                      lease_owner=None, lease_until=None, last_error=None, body=bindparam("b_body")))
 
 
 @asynccontextmanager
@@ -226,6 +253,30 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
     return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
+async def release_dead_leases(db: async_sessionmaker[AsyncSession] | Enqueuer, host: str,
+                              alive: Callable[[int], bool]) -> int:
+    """Take back the leases that relay processes on this host held when they died (kill -9, a
+    crash): their items are due again now instead of when the lease would have run out
+    (``[queue] lease``, 10 minutes by default).  Owners are ``host:pid:random``; a lease of
+    another host, or of a pid that is still running, is left alone.  Returns the items freed."""
+    async def unit(s: AsyncSession) -> int:
+        q = _QUEUE.c
+        owners = (await s.execute(select(q.lease_owner).distinct().where(
+            q.lease_owner.like(f"{host}:%"), q.status == "queued"))).scalars().all()
+        dead = [o for o in owners if _owner_pid(o, host) is not None and not alive(_owner_pid(o, host) or 0)]
+        if not dead:
+            return 0
+        res = await s.execute(_QUEUE.update().where(q.lease_owner.in_(dead))
+                              .values(lease_owner=None, lease_until=None))
+        return res.rowcount or 0
+    return await _transact(db, unit)  # type: ignore[no-any-return]
+
+
+def _owner_pid(owner: str, host: str) -> int | None:
+    parts = owner[len(host) + 1:].split(":")
+    return int(parts[0]) if owner.startswith(host + ":") and parts and parts[0].isdigit() else None
+
+
 async def record_attempt(db: async_sessionmaker[AsyncSession] | Enqueuer, item: Claimed, owner: str,
                          delivered: Sequence[int], failed: dict[int, str], deferred: dict[int, str],
                          retry_at: float, notices: Sequence[tuple[QueueItem, QueueRecipient]] = (),
@@ -233,6 +284,10 @@ async def record_attempt(db: async_sessionmaker[AsyncSession] | Enqueuer, item: 
     """Store the outcome of one delivery attempt, per recipient, with any notices it caused,
     in one transaction. Returns the item's new status (queued while anything is deferred)."""
     status = "queued" if deferred else "done"
+    if isinstance(db, Enqueuer) and not (failed or deferred or notices or delay_notified):
+        await db.commit(Delivered(item.id, owner, tuple(delivered), item.body[:_header_end(item.body)], retry_at,
+                                  _attempt_event(item, delivered, failed, deferred, status, retry_at)))
+        return status
 
     async def unit(s: AsyncSession) -> None:
         r = _RCPTS.c
@@ -408,5 +463,5 @@ async def purge_done(sessions: async_sessionmaker[AsyncSession], older_than: flo
         return res.rowcount or 0
 
 
-__all__ = ["Accepted", "Claimed", "Enqueuer", "StorageError", "claim", "record_attempt", "record_error",
+__all__ = ["Accepted", "Claimed", "Delivered", "release_dead_leases", "Enqueuer", "StorageError", "claim", "record_attempt", "record_error",
            "add_notice", "get_item", "admin", "list_items", "new_queue_id", "purge_done"]
