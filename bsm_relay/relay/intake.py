@@ -127,6 +127,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     postmaster = [r for r in tx.recipients if r.ref is None and r.bounce_of is None]
     bounces = [r for r in tx.recipients if r.bounce_of is not None]
     acc = Accepted(items=[], recipients=[], extra=[])
+    verdicts: list[marketplace.PolicyOutcome] = []
     queue_ids: list[str] = []
     first_log: dict[str, object] = {}
     if aliased and _is_delivery_report(headers):
@@ -157,7 +158,6 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
                                 parse_msg_ids(_first(headers, "References")))
-        verdicts: list[marketplace.PolicyOutcome] = []
         for rcpt in aliased:
             verdict = await marketplace.check(relay, tx, rcpt, headers, body, sender.address, thread_ids,
                                               tx.contact_reason, tx.order_hint)
@@ -193,6 +193,9 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
     if acc.items:
         await relay.enqueuer.commit(acc)
+        for rcpt, verdict in zip(aliased, verdicts):
+            if verdict.proactive and rcpt.ref is not None:
+                relay.store.note_proactive(rcpt.ref.seller_id, now)
     return Outcome(ACCEPT, queue_ids, first_log)
 
 

@@ -58,7 +58,20 @@ class PolicyOutcome:
                 "proactive": self.proactive}
 
 
+_CONFIG: list[tuple[Settings, PolicyConfig]] = []     # the last settings seen and their rules
+
+
 def policy_config(settings: Settings) -> PolicyConfig:
+    """The rules' settings from ``[policy]`` (built once per settings object: a SIGHUP reload
+    makes a new one)."""
+    if _CONFIG and _CONFIG[0][0] is settings:
+        return _CONFIG[0][1]
+    config = _policy_config(settings)
+    _CONFIG[:] = [(settings, config)]
+    return config
+
+
+def _policy_config(settings: Settings) -> PolicyConfig:
     """The rules' settings from ``[policy]``; a key not in the settings keeps the rules' default."""
     p: PolicySettings = settings.policy
     adds: dict[str, list[str]] = {}

@@ -21,6 +21,11 @@ from .models import Buyer, MessageLog, Order, RevokedAlias, Seller, SellerAddres
 
 T = TypeVar("T")
 _DAY = 86400.0
+_COUNT_FRESH = 0.5       # seconds a proactive count read from the database is used (far from the cap)
+
+
+def _count_margin(cap: int) -> int:
+    return max(10, cap // 10)
 
 ORDER_STATUSES = ("pending", "unshipped", "shipped", "delivered", "canceled")
 ADDRESS_STATUSES = ("approved", "pending", "blocked")
@@ -59,6 +64,7 @@ class Store:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: FactsCache | None = None) -> None:
         self.sessions = sessions
         self.cache = cache
+        self._proactive: dict[int, list[float]] = {}    # seller -> [day start, count, read at]
 
     async def _cached(self, key: tuple[Any, ...], load: Callable[[], Awaitable[T]]) -> T:
         return await (self.cache.get(key, load) if self.cache is not None else load())
@@ -358,13 +364,38 @@ class Store:
         address_list = await self._cached(("addresses", seller_id), addresses)
         orders = await self._cached(("orders", seller_id, buyer_id), pair_orders)
         recent = await self._recent_orders(seller_id, orders_since)
-        log = MessageLog.__table__.c
-        bounded = (select(log.id).where(log.seller_id == seller_id, log.at >= proactive_since,
-                                        log.proactive.is_(True), log.decision == "accepted")
-                   .limit(cap_for(recent) + 1).subquery())
-        async with self.sessions.kw["bind"].connect() as conn:   # Core: no ORM session per message
-            proactive = int((await conn.execute(select(func.count()).select_from(bounded))).scalar_one())
+        proactive = await self._proactive_today(seller_id, proactive_since, cap_for(recent))
         return PairFacts(address_list, orders, proactive, recent)
+
+    async def _proactive_today(self, seller_id: int, since: float, cap: int) -> int:
+        """The seller's proactive messages accepted since ``since``, counted up to ``cap + 1``.
+
+        Serving, a seller far below the cap is counted from the database at most every
+        ``_COUNT_FRESH`` seconds, plus what this process accepted since (:meth:`note_proactive`);
+        within ``_count_margin(cap)`` of the cap every message counts again.  Like the exact
+        count, it cannot see messages other processes are accepting at the same instant."""
+        known = self._proactive.get(seller_id) if self.cache is not None else None
+        now = time.monotonic()
+        if (known is not None and known[0] == since and now - known[2] < _COUNT_FRESH
+                and known[1] + _count_margin(cap) < cap):
+            return int(known[1])
+        log = MessageLog.__table__.c
+        bounded = (select(log.id).where(log.seller_id == seller_id, log.at >= since,
+                                        log.proactive.is_(True), log.decision == "accepted")
+                   .limit(cap + 1).subquery())
+        async with self.sessions.kw["bind"].connect() as conn:   # Core: no ORM session per message
+            count = int((await conn.execute(select(func.count()).select_from(bounded))).scalar_one())
+        if self.cache is not None:
+            if len(self._proactive) > 100_000:
+                self._proactive.clear()
+            self._proactive[seller_id] = [since, count, now]
+        return count
+
+    def note_proactive(self, seller_id: int, at: float) -> None:
+        """A proactive message of the seller, accepted at ``at``, was just committed here."""
+        known = self._proactive.get(seller_id)
+        if known is not None and known[0] <= at < known[0] + _DAY:
+            known[1] += 1
 
     async def _recent_orders(self, seller_id: int, since: float) -> int:
         """How many orders the seller received since ``since``.  Cached as the placing times of
