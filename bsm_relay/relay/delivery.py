@@ -367,6 +367,7 @@ class Deliverer:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.log = log.get()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._backlog = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -399,10 +400,12 @@ class Deliverer:
                     items = await claim(self.db, self.owner, free, self.settings.queue.lease)
                 except Exception as exc:  # database trouble: keep the loop alive, try again
                     self.log.error("store.error", stage="claim", error_type=type(exc).__name__)
+            # Every slot taken: more may be due, so a finished delivery asks again at once.
+            self._backlog = free <= 0 or len(items) == free
             for item in items:
                 task = asyncio.create_task(self._deliver(item))
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                task.add_done_callback(self._finished)
             if items and len(items) == free:
                 await asyncio.sleep(0)
                 continue
@@ -411,6 +414,11 @@ class Deliverer:
                 await asyncio.wait_for(self.wakeup.wait(), self.settings.delivery.poll_interval)
             except asyncio.TimeoutError:
                 pass
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._backlog:
+            self.wakeup.set()
 
     def sign(self, body: bytes) -> bytes:
         if self.signer is None:

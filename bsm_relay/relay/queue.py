@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -120,6 +120,11 @@ class Enqueuer:
                 return await unit(s)
         return await self._submit(unit)
 
+    async def any_row(self, query: Select[Any]) -> bool:
+        """Whether a read-only ``query`` finds a row (outside the group: no write, no lock)."""
+        async with self._sessions() as s:
+            return (await s.execute(query)).first() is not None
+
     async def _submit(self, entry: Entry) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._pending.put((entry, fut))
@@ -149,7 +154,8 @@ class Enqueuer:
             for (_, fut), result in zip(batch, results):
                 if not fut.done() and result is not _FAILED:
                     fut.set_result(result)
-            self.wakeup.set()
+            if any(isinstance(entry, Accepted) and entry.items for entry, _ in batch):
+                self.wakeup.set()         # new queue items: delivery has work
 
     async def _write(self, entries: list[Entry]) -> list[Any]:
         # Plain INSERTs, one executemany per table and set of columns: the ORM's unit of work
@@ -221,16 +227,22 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
         return await unit(s)
 
 
+def _due(now: float, limit: int) -> Select[Any]:
+    q = _QUEUE.c
+    return (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
+                               or_(q.lease_until.is_(None), q.lease_until < now))
+            .order_by(q.next_attempt_at).limit(limit))
+
+
 async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, limit: int,
                 lease: float, now: float | None = None) -> list[Claimed]:
     now = time.time() if now is None else now
+    if isinstance(db, Enqueuer) and not await db.any_row(_due(now, 1)):
+        return []        # nothing due: no write transaction (delivery asks after every commit)
 
     async def unit(s: AsyncSession) -> list[Claimed]:
         q = _QUEUE.c
-        due = (select(q.id)
-               .where(q.status == "queued", q.next_attempt_at <= now,
-                      or_(q.lease_until.is_(None), q.lease_until < now))
-               .order_by(q.next_attempt_at).limit(limit))
+        due = _due(now, limit)
         if s.bind.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
         ids = list((await s.execute(
