@@ -150,10 +150,10 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         # from an approved address that is not authentic is then refused as auth.failed.
         authentic, auth_results = await _authenticate(relay, tx, sender.address)
         for rcpt in aliased:
-            decision = await _approve(relay, rcpt, sender.address)
+            decision, pending = await _approve(relay, rcpt, sender.address)
             decision = decision if not decision.accepted else authentic
             if not decision.accepted:
-                await _log_refusal(relay, tx, rcpt, decision)
+                await _log_refusal(relay, tx, rcpt, decision, pending=pending)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
@@ -241,15 +241,16 @@ def _ids(rcpt: Recipient) -> dict[str, object]:
             "direction": rcpt.ref.direction.name.lower()}
 
 
-async def _approve(relay: Relay, rcpt: Recipient, address: str) -> Decision:
+async def _approve(relay: Relay, rcpt: Recipient, address: str) -> tuple[Decision, tuple[int, str] | None]:
+    """The approval decision, and the (seller, address) to record as pending when refused."""
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     if rcpt.ref.direction is Direction.TO_BUYER:
         status = await relay.store.sender_status(rcpt.seller, address)
         decision = senders.seller_sender(address, status)
         if not decision.accepted and senders.records_as_pending(status):
-            await relay.store.record_attempt(rcpt.seller.id, address)
-        return decision
-    return senders.buyer_sender(address, rcpt.buyer.email)
+            return decision, (rcpt.seller.id, address)
+        return decision, None
+    return senders.buyer_sender(address, rcpt.buyer.email), None
 
 
 async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[Decision, str | None]:
@@ -277,13 +278,20 @@ async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[De
 
 async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision: Decision,
                        order_ext_id: str | None = None, contact_reason: str | None = None,
-                       proactive: bool = False) -> None:
+                       proactive: bool = False, pending: tuple[int, str] | None = None) -> None:
+    """The refusal in the message log and, for an unknown or pending sender, its attempt in
+    Messaging Permissions: one entry of the writer's next group (no transaction of its own)."""
     assert rcpt.ref is not None
-    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[MessageLog(
+    row = MessageLog(
         at=time.time(), session_id=tx.session_id, queue_id=None, direction=int(rcpt.ref.direction),
         seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id, decision="refused",
         reason=decision.reason, size=len(tx.content), order_ext_id=order_ext_id,
-        contact_reason=contact_reason, proactive=proactive)]))
+        contact_reason=contact_reason, proactive=proactive)
+    if pending is None:
+        await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[row]))
+        return
+    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[row],
+                                         after=[relay.store.attempt_recorder(*pending)]))
 
 
 def mint_message_id(domain: str) -> str:

@@ -32,6 +32,9 @@ def new_queue_id() -> str:
     return "q" + secrets.token_hex(6)
 
 
+Unit = Callable[[AsyncSession], Awaitable[Any]]
+
+
 @dataclass
 class Accepted:
     """Everything one accepted message writes, committed together or not at all."""
@@ -39,6 +42,7 @@ class Accepted:
     items: list[QueueItem]
     recipients: list[QueueRecipient]
     extra: list[Any] = field(default_factory=list)     # ThreadId, MessageLog rows
+    after: list[Unit] = field(default_factory=list)   # more work in the same transaction
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,6 @@ class Claimed:
     delay_notified: bool = False
     session_id: str | None = None                         # the SMTP session that brought it (for the log)
 
-
-Unit = Callable[[AsyncSession], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,9 @@ class Enqueuer:
                                                   "b_body": d.header_block} for d in done])
                     await s.execute(_EVENTS.insert(), [d.event for d in done])
                 for entry in entries:
+                    if isinstance(entry, Accepted):
+                        for unit in entry.after:
+                            await unit(s)
                     results.append(None if isinstance(entry, (Accepted, Delivered)) else await entry(s))
         return results
 

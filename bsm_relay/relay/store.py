@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -22,6 +22,12 @@ from .models import Buyer, MessageLog, Order, RevokedAlias, Seller, SellerAddres
 T = TypeVar("T")
 _DAY = 86400.0
 _COUNT_FRESH = 0.5       # seconds a proactive count read from the database is used (far from the cap)
+
+
+_SENDERS = SellerAddress.__table__
+_COUNT_ATTEMPT = (_SENDERS.update().where(_SENDERS.c.seller_id == bindparam("b_seller"),
+                                          func.lower(_SENDERS.c.address) == bindparam("b_address"))
+                  .values(attempts=_SENDERS.c.attempts + 1, last_seen=bindparam("b_now")))
 
 
 def _count_margin(cap: int) -> int:
@@ -108,17 +114,21 @@ class Store:
 
     async def record_attempt(self, seller_id: int, address: str) -> None:
         """An unapproved address tried to send: record it as pending (or count the try)."""
-        address = normalize_address(address)
-        now = time.time()
         async with self.sessions.begin() as s:
-            updated = await s.execute(
-                update(SellerAddress)
-                .where(SellerAddress.seller_id == seller_id,
-                       func.lower(SellerAddress.address) == address.lower())
-                .values(attempts=SellerAddress.attempts + 1, last_seen=now))
+            await self.attempt_recorder(seller_id, address)(s)
+
+    def attempt_recorder(self, seller_id: int, address: str) -> Callable[[AsyncSession], Awaitable[None]]:
+        """:meth:`record_attempt` as work for a transaction someone else runs (the relay's writer)."""
+        address = normalize_address(address)
+
+        async def unit(s: AsyncSession) -> None:
+            now = time.time()
+            updated = await s.execute(_COUNT_ATTEMPT, {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
             if updated.rowcount == 0:
-                s.add(SellerAddress(seller_id=seller_id, address=address, status="pending",
-                                    first_seen=now, last_seen=now, attempts=1, updated_at=now))
+                await s.execute(_SENDERS.insert(), {"seller_id": seller_id, "address": address, "status": "pending",
+                                                    "first_seen": now, "last_seen": now, "attempts": 1,
+                                                    "updated_at": now})
+        return unit
 
     async def set_sender_status(self, seller_ext_id: str, address: str, status: str, *,
                                 max_approved: int = 0) -> None:
