@@ -101,12 +101,13 @@ def check_rendered(out: bytes, body: bytes) -> None:
             assert not _leaks(str(value)), f"real address in {name}"
 
 
-# KNOWN FINDING (fuzz/README.md, tests/test_fuzz_regressions.py): marketplace._mask_parties reads
-# the Subject with decode_header/make_header only, and passes on unmasked what that cannot decode,
-# while the modern parser -- and mail clients with it -- decode it anyway: an encoded word in an
-# unknown charset ("=?ut-8?b?...?="), or one with control characters inside it.  The fix belongs in
-# relay/marketplace.py; until it is made, these two shapes are skipped so the run can find other
-# things.  Set to False to see them.
+# KNOWN FINDING 1 (fuzz/README.md, tests/test_fuzz_regressions.py): marketplace._mask_parties
+# fails open.  It reads the Subject with decode_header/make_header only, and when that raises --
+# an encoded word in an unknown charset ("=?ut-8?b?...?="), 8-bit text beside an encoded word --
+# it passes the Subject on unmasked, while the modern parser and mail clients decode the word
+# anyway; so they do an encoded word with control characters inside, which decode_header leaves
+# alone.  The fix belongs in relay/marketplace.py; until it is made, a Subject of these shapes is
+# not checked, so the run can find other things.  Set to False to see them.
 KNOWN_UNDECODABLE_SUBJECT = True
 # KNOWN FINDING 2: marketplace._decode_header lets email.errors.CharsetError escape (an encoded
 # word whose charset name is not ASCII, "=?utf\u00ef8?q?x?="): marketplace.check raises, and the
@@ -213,15 +214,12 @@ def one_input(data: bytes) -> None:
     except MalformedHeader:
         raise AssertionError("the masked message no longer parses") from None
     check_rendered(out, split_message(content)[1])
-    # The Subject as two different decoders show it (the modern parser, and decode_header).
-    raw_subjects = email.message_from_bytes(out, policy=email.policy.compat32).get_all("Subject") or []
-    for value in raw_subjects:
-        assert not _leaks(_reader_subject(str(value))), "real address in the Subject (decode_header)"
-    for value, shown in zip(raw_subjects, email.message_from_bytes(out, policy=email.policy.default)
-                            .get_all("Subject") or [], strict=True):
-        if KNOWN_UNDECODABLE_SUBJECT and _undecodable(str(value)):
-            continue           # the known finding, see KNOWN_UNDECODABLE_SUBJECT
-        assert not _leaks(str(shown)), "real address in the Subject"
+    # The Subject as two different decoders show it (decode_header, and the modern parser).
+    if not (KNOWN_UNDECODABLE_SUBJECT and _undecodable(subject)):
+        for value in email.message_from_bytes(out, policy=email.policy.compat32).get_all("Subject") or []:
+            assert not _leaks(_reader_subject(str(value))), "real address in the Subject (decode_header)"
+        for value in email.message_from_bytes(out, policy=email.policy.default).get_all("Subject") or []:
+            assert not _leaks(str(value)), "real address in the Subject"
     check_texts(out)
 
 

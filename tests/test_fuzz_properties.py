@@ -6,8 +6,8 @@ The properties:
 - rewrite: any message either raises the documented ``MalformedHeader`` (the relay answers
   ``554 5.6.0``) or renders into a message that the stdlib parses, whose body bytes are the
   original's, with exactly one Received (ours) and neither party's real address in a field
-  the relay does not pass through verbatim (Subject and the other ``KEEP`` fields are masked by
-  policy before the rewrite: see the masking property);
+  the relay does not pass through verbatim (the Subject is masked by policy before the rewrite,
+  see the masking property; the other ``KEEP`` fields are the sender's own bytes);
 - masking: a real address anywhere in a text, in any letter case, is gone after masking;
 - alias codec: random and bit-flipped tokens never resolve; case does not matter to real ones;
 - DSN: any diagnostic, remote MTA name and returned header block either raises the documented
