@@ -1,8 +1,8 @@
 """What the atheris harness (fuzz/fuzz_rewrite.py) found, kept as tests (catalogue issue 8).
 
 Each fixed finding has a minimal input in fuzz/corpus/ (replayed here through the harness's own
-checks, without atheris) and a unit test of the function that was wrong.  The two findings whose fix
-belongs in relay/marketplace.py are strict xfails: they start passing, and fail the run, when fixed.
+checks, without atheris) and a unit test of the function that was wrong, the Subject's masking in
+relay/marketplace.py included.
 """
 
 from __future__ import annotations
@@ -127,13 +127,12 @@ def test_a_content_type_that_cannot_be_written_back_becomes_type_and_charset(cty
     assert BUYER.encode() not in out.body
 
 
-# -- known findings in relay/marketplace.py (not fixed here: that file is another track's) ---------
+# -- findings in relay/marketplace.py: the Subject's masking (fixed after the fuzz run) ---------------
 
 def _word(charset: str, text: str) -> str:
     return f"=?{charset}?b?{base64.b64encode(text.encode()).decode()}?="
 
 
-@pytest.mark.xfail(strict=True, reason="marketplace._mask_parties fails open on a Subject make_header cannot decode")
 @pytest.mark.parametrize("subject", [
     _word("ut-8", "hi " + BUYER),                       # unknown charset: the modern parser shows it anyway
     _word("utf-8", "hi " + BUYER) + "om: caf\u00e9",    # 8-bit text beside the word (Latin-1 read by headers.py)
@@ -145,8 +144,6 @@ def test_the_subject_is_masked_however_it_is_encoded(subject: str) -> None:
     assert BUYER not in shown.lower()
 
 
-@pytest.mark.xfail(strict=True, raises=email.errors.CharsetError,
-                   reason="marketplace._decode_header lets CharsetError escape: the sender gets 451 and retries")
 def test_a_non_ascii_charset_name_in_the_subject_does_not_raise() -> None:
     from bsm_relay.relay.marketplace import _mask_parties
     _mask_parties("=?utf\u00ef8?q?hi?=", PARTIES)

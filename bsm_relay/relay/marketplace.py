@@ -13,7 +13,8 @@ with the contact reason and the order already known.
 from __future__ import annotations
 
 import re
-from email.errors import HeaderParseError
+import email.policy
+from email.errors import HeaderParseError, MessageError
 from email.header import Header as EmailHeader
 from email.header import decode_header, make_header
 
@@ -182,17 +183,38 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
 
 
 def _mask_parties(text: str, addresses: tuple[str, ...]) -> str:
-    decoded = _decode_header(text)
-    for address in addresses:
-        if address:
-            decoded = re.sub(re.escape(address), "[email removed]", decoded, flags=re.IGNORECASE)
-    return decoded if decoded != _decode_header(text) else text
+    """The Subject with the parties' addresses replaced, as any reader could decode it.
+
+    Mail clients decode leniently (an unknown charset, 8-bit text beside an encoded word, control
+    characters inside one): the address is looked for in what the stdlib's strict decoder and
+    its lenient one (``email.policy.default``) show, and when either shows one, the lenient
+    reading is masked and sent instead.  A Subject no decoder can read is sent as it came only
+    when no reading of it holds an address.
+    """
+    readings = {text, _decode_header(text), _decode_lenient(text)}
+    wanted = [a for a in addresses if a]
+    if not any(a.lower() in r.lower() for r in readings for a in wanted):
+        return text
+    masked = _decode_lenient(text)
+    for address in wanted:
+        masked = re.sub(re.escape(address), "[email removed]", masked, flags=re.IGNORECASE)
+    if any(a.lower() in masked.lower() for a in wanted):    # undecodable even leniently: say so
+        return "[subject removed]"
+    return masked
 
 
 def _decode_header(value: str) -> str:
     try:
         return str(make_header(decode_header(value)))
-    except (HeaderParseError, LookupError, ValueError):
+    except (HeaderParseError, LookupError, ValueError, MessageError):
+        return value
+
+
+def _decode_lenient(value: str) -> str:
+    """The Subject as ``email.policy.default`` reads it (undecodable words with replacement)."""
+    try:
+        return str(email.policy.default.header_factory("Subject", value))
+    except Exception:  # noqa: BLE001 - whatever the parser trips on, the raw text is the reading
         return value
 
 
