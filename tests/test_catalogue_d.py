@@ -15,8 +15,9 @@ D11: tests/test_delivery.py::test_two_workers_never_attempt_the_same_item,
 D12: tests/test_delivery.py::test_poison_item_is_held_after_three_tries_while_others_flow
 D13: tests/test_delivery.py::test_expiry_with_a_compressed_clock_bounces_with_4_4_7
 
-D3's read-only file system case is not reproduced (it needs a mount); a locked database and a low-disk
-threshold are, and both end in the same 4xx path (docs/decisions/0008-acceptance-catalogue-answers.md).
+D3: a locked database and a low-disk threshold here; a full and a read-only file system under a running
+relay in tests/test_catalogue_d_storage.py. All end in the same 4xx path
+(docs/decisions/0008-acceptance-catalogue-answers.md).
 """
 
 from __future__ import annotations
