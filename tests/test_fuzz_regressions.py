@@ -147,3 +147,17 @@ def test_the_subject_is_masked_however_it_is_encoded(subject: str) -> None:
 def test_a_non_ascii_charset_name_in_the_subject_does_not_raise() -> None:
     from bsm_relay.relay.marketplace import _mask_parties
     _mask_parties("=?utf\u00ef8?q?hi?=", PARTIES)
+
+
+@pytest.mark.parametrize("subject", [
+    "=?utf-8?b?aGkgYm9iLmJ1eWVyQHJlYWwtbWFpbC\u00ff\u00ff\u00ff5leGFtcGxl?=",   # junk inside the base64 (fuzz, run 2)
+    "=?utf-8?q?hi_" + BUYER.replace("@", "=40") + "=0D=0ABcc:_x?=",           # CR LF inside an encoded word
+])
+def test_a_subject_only_a_lenient_reader_decodes_leaves_masked_and_in_one_line(subject: str) -> None:
+    from bsm_relay.relay.marketplace import _encode_header, _mask_parties
+    out = _encode_header(_mask_parties(subject, PARTIES))
+    assert "\r" not in out and "\n" not in out
+    for policy in (email.policy.default, email.policy.compat32):
+        shown = str(email.message_from_bytes(b"Subject: " + out.encode("latin-1", "replace") + b"\r\n\r\n",
+                                             policy=policy)["Subject"])
+        assert BUYER not in shown.lower()

@@ -185,22 +185,27 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
 def _mask_parties(text: str, addresses: tuple[str, ...]) -> str:
     """The Subject with the parties' addresses replaced, as any reader could decode it.
 
-    Mail clients decode leniently (an unknown charset, 8-bit text beside an encoded word, control
-    characters inside one): the address is looked for in what the stdlib's strict decoder and
-    its lenient one (``email.policy.default``) show, and when either shows one, the lenient
-    reading is masked and sent instead.  A Subject no decoder can read is sent as it came only
-    when no reading of it holds an address.
+    Mail clients decode leniently (an unknown charset, 8-bit text beside an encoded word, junk
+    inside one): the address is looked for in what the stdlib's strict decoder and its lenient
+    one (``email.policy.default``) show, also with the non-ASCII bytes left out.  When any
+    reading shows one, or the lenient decoder reports a defect, the Subject leaves as the
+    lenient reading, masked and encoded again by us: the reader then sees exactly that text,
+    whatever its decoder would have made of the original (fail closed).
     """
-    readings = {text, _decode_header(text), _decode_lenient(text)}
-    wanted = [a for a in addresses if a]
-    if not any(a.lower() in r.lower() for r in readings for a in wanted):
+    lenient, defective = _decode_lenient(text)
+    readings = (lenient, _decode_lenient(_ASCII_ONLY.sub("", text))[0], _decode_header(text), text)
+    wanted = [a.lower() for a in addresses if a]
+    shown = next((r for r in readings if any(a in r.lower() for a in wanted)), None)
+    if shown is None and not defective:
         return text
-    masked = _decode_lenient(text)
+    out = _CONTROL.sub(" ", shown if shown is not None else lenient)
     for address in wanted:
-        masked = re.sub(re.escape(address), "[email removed]", masked, flags=re.IGNORECASE)
-    if any(a.lower() in masked.lower() for a in wanted):    # undecodable even leniently: say so
-        return "[subject removed]"
-    return masked
+        out = re.sub(re.escape(address), "[email removed]", out, flags=re.IGNORECASE)
+    return out
+
+
+_ASCII_ONLY = re.compile(r"[^\x20-\x7e]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _decode_header(value: str) -> str:
@@ -210,16 +215,18 @@ def _decode_header(value: str) -> str:
         return value
 
 
-def _decode_lenient(value: str) -> str:
-    """The Subject as ``email.policy.default`` reads it (undecodable words with replacement)."""
+def _decode_lenient(value: str) -> tuple[str, bool]:
+    """The Subject as ``email.policy.default`` reads it, and whether it found defects."""
     try:
-        return str(email.policy.default.header_factory("Subject", value))
+        header = email.policy.default.header_factory("Subject", value)
+        return str(header), bool(header.defects)
     except Exception:  # noqa: BLE001 - whatever the parser trips on, the raw text is the reading
-        return value
+        return value, True
 
 
 def _encode_header(text: str) -> str:
-    return text if text.isascii() else EmailHeader(text, "utf-8").encode(maxlinelen=900).replace("\n", "")
+    # Text that looks like an encoded word is encoded too, so a reader shows it as it is.
+    return text if text.isascii() and "=?" not in text else EmailHeader(text, "utf-8").encode(maxlinelen=900).replace("\n", "")
 
 
 async def _thread_started_by(store: Any, seller_id: int, buyer_id: int, ids: Sequence[str]) -> int | None:
