@@ -231,9 +231,8 @@ def test_D3_read_only_file_system_answers_451_430_then_accepts_again_once_writab
             refused = smtp_storage_errors(relay)
             assert len(refused) == 3, refused                     # one per refused message, saying why
             assert all("readonly" in e["error"] or "I/O" in e["error"] for e in refused), refused
-            # Writable again: accepted and delivered.  A pooled connection opened during the fault
-            # may still refuse a write (the xfail test below), so this client retries a 451 as any
-            # MTA would; the strict version is that test.
+            # Writable again: accepted and delivered.  This client retries a 451 as any MTA would;
+            # the strict version (every write succeeds at once) is the test below.
             for _ in range(20):
                 answer = send(relay, alias, f"{SUBJECT} after")
                 if not answer.startswith("451"):
@@ -249,9 +248,6 @@ def test_D3_read_only_file_system_answers_451_430_then_accepts_again_once_writab
         assert b"read-only" not in stored and b"unknown" not in stored and b"after" in stored
 
 
-@pytest.mark.xfail(strict=True, reason="a SQLite connection the pool opens while the database cannot be written "
-                                       "is read-only for good: writes keep failing after the fault is gone "
-                                       "(bsm_relay/relay/db.py, docs/decisions/0008-acceptance-catalogue-answers.md)")
 def test_D3_after_a_read_only_spell_every_write_succeeds_again(tmp_path, sink):
     with ext4_state(tmp_path) as state:
         relay = make_relay(tmp_path, sink_port=sink.port)

@@ -84,8 +84,18 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
-            cur.close()
+            try:
+                _refuse_read_only(cur)
+            finally:
+                cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
+                cur.close()
+
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _broken_files(ctx):  # type: ignore[no-untyped-def]
+            # Read-only, I/O error, cannot open: the files were in trouble when this connection
+            # used them; throw the pool's connections away rather than keep a crippled one.
+            if _sqlite_code(ctx.original_exception) in _FILE_TROUBLE:
+                ctx.is_disconnect = True
 
         return engine
     parsed, schema = split_schema(url)
@@ -99,6 +109,46 @@ def make_engine(url: str) -> AsyncEngine:
             connect_args["options"] = f"-csearch_path={schema}"
     return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True,
                                connect_args=connect_args)
+
+
+# SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN (primary result codes).
+_READONLY = 8
+_FILE_TROUBLE = (_READONLY, 10, 14)
+
+
+def _sqlite_code(exc: BaseException | None) -> int:
+    """The primary SQLite result code of a driver error (0 when there is none)."""
+    while exc is not None:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF
+        exc = exc.__cause__ or getattr(exc, "orig", None)
+    return 0
+
+
+def _refuse_read_only(cur: Any) -> None:
+    """Never pool a connection SQLite opened read-only.
+
+    When the database files cannot be written at the moment a connection is opened (a read-only
+    or full file system), SQLite quietly opens it read-only, and it stays so after the fault is
+    gone: every write on it would fail for the life of the process.  A write that changes
+    nothing (the schema's user_version set to itself, rolled back) tells; a read-only
+    connection raises, so the pool never keeps it.  ``BEGIN IMMEDIATE`` alone would not tell in
+    WAL mode.  A locked database is no such sign (the busy timeout is off meanwhile).
+    """
+    cur.execute("PRAGMA busy_timeout=0")
+    try:
+        cur.execute("BEGIN")
+        version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+        cur.execute(f"PRAGMA user_version={version}")
+    except Exception as exc:
+        if _sqlite_code(exc) == _READONLY or "readonly" in str(exc).lower():
+            raise
+    finally:
+        try:
+            cur.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - nothing was begun or written
+            pass
 
 
 def write_lock(url: str) -> Callable[[], AbstractAsyncContextManager[None]] | None:

@@ -127,7 +127,9 @@ def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None 
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             min(threshold, logging.INFO) if watch.observers else threshold),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per event, line and newline together: ``print`` writes them separately, and
+        # ``serve --workers N`` processes sharing one log file then interleave ("}{" lines).
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
