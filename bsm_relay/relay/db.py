@@ -139,7 +139,8 @@ def _refuse_read_only(cur: Any) -> None:
     cur.execute("PRAGMA busy_timeout=0")
     try:
         cur.execute("BEGIN")
-        version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+        cur.execute("PRAGMA user_version")
+        version = int(cur.fetchone()[0])
         cur.execute(f"PRAGMA user_version={version}")
     except Exception as exc:
         if _sqlite_code(exc) == _READONLY or "readonly" in str(exc).lower():

@@ -391,7 +391,8 @@ class Deliverer:
             if freed:
                 self.log.info("queue.leases_released", items=freed)
         except Exception as exc:  # never keeps delivery from starting; the leases run out anyway
-            self.log.error("store.error", stage="release_leases", error_type=type(exc).__name__)
+            self.log.error("store.error", stage="release_leases", error_type=type(exc).__name__,
+                           error=log.error_line(exc))
         while not self._stopping.is_set():
             free = self.settings.delivery.workers - len(self._inflight)
             items: list[Claimed] = []
@@ -399,7 +400,8 @@ class Deliverer:
                 try:
                     items = await claim(self.db, self.owner, free, self.settings.queue.lease)
                 except Exception as exc:  # database trouble: keep the loop alive, try again
-                    self.log.error("store.error", stage="claim", error_type=type(exc).__name__)
+                    self.log.error("store.error", stage="claim", error_type=type(exc).__name__,
+                                   error=log.error_line(exc))
             # Every slot taken: more may be due, so a finished delivery asks again at once.
             self._backlog = free <= 0 or len(items) == free
             for item in items:
@@ -474,7 +476,7 @@ class Deliverer:
             # The outcome could not be stored: the lease expires and the item is tried again
             # (a duplicate is possible; a loss is not).
             self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
-                           error_type=type(exc).__name__)
+                           error_type=type(exc).__name__, error=log.error_line(exc))
             return
         if notices:
             self.wakeup.set()
@@ -506,7 +508,7 @@ class Deliverer:
                                         retry_at, q.max_errors)
         except Exception as store_exc:
             self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
-                           error_type=type(store_exc).__name__)
+                           error_type=type(store_exc).__name__, error=log.error_line(store_exc))
             return
         event = "queue.held" if status == "hold" else "delivery.error"
         self.log.error(event, queue_id=item.id, session=item.session_id, error_type=type(exc).__name__,

@@ -134,5 +134,12 @@ def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None 
     )
 
 
+def error_line(error: BaseException) -> str:
+    """What went wrong, for the log: the driver's message ("database or disk is full") without
+    the statement and parameters SQLAlchemy appends on the next lines (they hold message data)."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
 def get() -> Any:
     return structlog.get_logger()

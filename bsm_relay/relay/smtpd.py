@@ -433,7 +433,7 @@ class Handler:
             # The queue's commit failed (StorageError), or another write or read of the database
             # did (an unknown sender recorded as pending): locked, read-only, full.  Nothing was
             # accepted, the client tries again later (catalogue D3).
-            self.log.error("store.error", session=tx.session_id, error=_first_line(exc))
+            self.log.error("store.error", session=tx.session_id, error=log.error_line(exc))
             return reply("local.storage")
         if not outcome.decision.accepted:
             self.log.info("smtp.rejected", stage="data", reason=outcome.decision.reason,
@@ -452,7 +452,7 @@ class Handler:
         if isinstance(error, asyncio.CancelledError):  # pragma: no cover - re-raised by aiosmtpd
             raise error
         if isinstance(error, _STORAGE_FAILURES):   # a database failure in another hook (a RCPT lookup)
-            self.log.error("store.error", error=_first_line(error))
+            self.log.error("store.error", error=log.error_line(error))
             return reply("local.storage")
         self.log.error("smtp.error", error_type=type(error).__name__, exc_info=error)
         return reply("local.error")
@@ -460,13 +460,6 @@ class Handler:
 
 # The database could not be used (locked, read-only, full, gone): 451 4.3.0 local.storage.
 _STORAGE_FAILURES = (StorageError, OperationalError)
-
-
-def _first_line(error: Exception) -> str:
-    """What went wrong, for the log: the driver's message ("database or disk is full") without
-    the statement and parameters SQLAlchemy appends on the next lines (they hold message data)."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
