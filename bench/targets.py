@@ -150,6 +150,12 @@ smtpd_tls_security_level = none
 default_destination_concurrency_limit = 20
 smtp_destination_concurrency_limit = 20
 default_process_limit = 100
+# The refusal case measures how fast each hop refuses, not Postfix's tarpit: without these,
+# smtpd sleeps a second per error after 10 in a session and hangs up after 20.
+smtpd_error_sleep_time = 0
+smtpd_soft_error_limit = 100000
+smtpd_hard_error_limit = 100000
+smtpd_junk_command_limit = 100000
 maillog_file = {self.dir / 'maillog'}
 maillog_file_prefixes = {self.dir}
 smtputf8_enable = no
