@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from dkim.canonicalization import Relaxed
@@ -244,3 +247,15 @@ def test_signer_rejects_header_injection_in_domain(keys: Keys) -> None:
     key = serialization.load_pem_private_key(keys.path.read_bytes(), password=None)
     with pytest.raises(ValueError):
         DkimSigner("marketplace.example; x=1", "s1", key)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b"\r\n", b"  x", b".", b"\r\n\r\n", b"b c \t"]), max_size=60),
+       st.integers(min_value=1, max_value=12))
+def test_the_streamed_body_hash_equals_the_whole_body_hash(parts, chunk):
+    """A spooled body is hashed piece by piece; the result is the hash of the whole body."""
+    import io
+
+    from bsm_relay.relay.dkim import body_hash_relaxed, canonicalize_body_relaxed
+    body = b"".join(parts)
+    assert body_hash_relaxed(io.BytesIO(body).read, chunk) == hashlib.sha256(canonicalize_body_relaxed(body)).digest()
