@@ -8,6 +8,7 @@ import base64
 import json
 import re
 import smtplib
+import signal
 import socket
 import time
 from pathlib import Path
@@ -194,8 +195,10 @@ def big_message(alias: str, size: int) -> bytes:
     return head + b"".join(parts) + b"--b--\r\n"
 
 
-# Peak memory growth of the serving process for one 25 MB message, as a multiple of its size.
-MEMORY_BOUND = 11.0
+# Peak memory growth of the serving process for one 25 MB message, as a multiple of its size
+# (issue 7's bound: the message is read into one buffer, walked in place, spooled to a file and
+# streamed from it; 1.24x measured).
+MEMORY_BOUND = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +275,73 @@ def test_1000_idle_sessions_cost_at_most_20_kb_each(tmp_path):
         for s in socks:
             s.close()
         assert r.stop() == 0
+
+
+# -- spool files (large messages) ---------------------------------------------------------
+
+def _spooling_relay(workdir: Path, sink_port: int) -> RelayProcess:
+    """A relay that spools every message over 20,000 bytes (the default threshold is 1 MB)."""
+    relay = make_relay(workdir, sink_port=sink_port)
+    relay.config.write_text(relay.config.read_text().replace("[queue]\n", "[queue]\nspool_threshold = 20000\n", 1))
+    return relay
+
+
+def _spooled_message(alias: str) -> bytes:
+    """About 200 KB, over the test threshold: text lines that begin with dots (stuffing on the
+    wire both ways), whitespace runs (DKIM's relaxed body), a base64 attachment."""
+    text = b"".join(b".line %d with  two  spaces\t \r\n..and a dotted one\r\n" % i for i in range(600))
+    pdf = base64.encodebytes(b"%PDF-1.4\n" + bytes(range(256)) * 300).replace(b"\n", b"\r\n")
+    head = (f"From: {DEMO_SELLER}\r\nTo: {alias}\r\nSubject: Spooled for order 111-2223334-4445556\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n").encode()
+    return (head + b"--b\r\nContent-Type: text/plain\r\n\r\n" + text
+            + b"--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" + pdf
+            + b"--b--\r\n")
+
+
+def _spool_files(relay: RelayProcess) -> list[Path]:
+    directory = relay.workdir / "state" / "spool"
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+def test_a_large_message_is_spooled_streamed_signed_and_removed(tmp_path, sink):
+    import dkim
+
+    relay = _spooling_relay(tmp_path, sink.port)
+    record = json.loads(relay.cli("init", "--json").stdout)["dkim_txt_record"]
+    alias = seed_pair(relay)["buyer_alias"]
+    message = _spooled_message(alias)
+    before = len(sink.messages)
+    relay.start()
+    try:
+        with relay.smtp() as c:
+            c.sendmail(DEMO_SELLER, [alias], message)
+        got = sink.wait_for(before + 1)[-1]
+        # The body arrives byte for byte (dotted lines unstuffed again by the receiver).
+        assert got.data.split(b"\r\n\r\n", 1)[1] == message.split(b"\r\n\r\n", 1)[1]
+        assert dkim.verify(got.data, dnsfunc=lambda name, timeout=5: record["value"].encode())
+        deadline = time.monotonic() + 10
+        while _spool_files(relay):                   # removed once the item is done
+            assert time.monotonic() < deadline, _spool_files(relay)
+            time.sleep(0.05)
+    finally:
+        assert relay.stop() == 0
+
+
+def test_a_spooled_message_survives_kill_9_after_its_250(tmp_path):
+    sink = Sink()                                   # down: nothing is delivered before the crash
+    relay = _spooling_relay(tmp_path, sink.port)
+    alias = seed_pair(relay)["buyer_alias"]
+    message = _spooled_message(alias)
+    relay.start()
+    with relay.smtp() as c:
+        c.sendmail(DEMO_SELLER, [alias], message)
+    assert len(_spool_files(relay)) == 1            # on disk (and fsynced) before the 250
+    relay.stop(signal.SIGKILL)
+    with sink:
+        relay.start()
+        try:
+            got = sink.wait_for(1, timeout=60)[0]
+            assert got.data.split(b"\r\n\r\n", 1)[1] == message.split(b"\r\n\r\n", 1)[1]
+        finally:
+            assert relay.stop() == 0
+    assert _spool_files(relay) == []

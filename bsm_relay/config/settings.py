@@ -95,6 +95,9 @@ class QueueSettings:
     lease: int = 600                # a claimed item is another worker's after this many seconds
     max_errors: int = 3             # processing failures (bugs, broken rows) before an item is held
     max_depth: int = 100_000        # items waiting (not done) beyond which MAIL gets 452 4.3.1; 0: no limit
+    # Messages larger than this go to a spool file under <state_dir>/spool instead of the database
+    # row (SQLite only: with PostgreSQL every node must be able to deliver every item); 0: never.
+    spool_threshold: int = 1_048_576
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def attachments_decision(attachments: Iterable[Attachment], rules: AttachmentRul
     items = list(attachments)
     if len(items) > rules.max_count:
         return refuse("attach.too_many", count=len(items), limit=rules.max_count)
-    total = sum(len(a.data) for a in items)
+    total = sum(a.length for a in items)
     if total > rules.max_total_bytes:
         return refuse("attach.too_big", size_mb=f"{total / 1048576:.1f}",
                       limit_mb=f"{rules.max_total_bytes / 1048576:g}")

@@ -50,7 +50,12 @@ class Attachment:
 
     filename: str
     declared_type: str
-    data: bytes
+    data: bytes                 # the content, or its first bytes when it is large
+    size: int = -1              # its size when ``data`` holds only the first bytes
+
+    @property
+    def length(self) -> int:
+        return self.size if self.size >= 0 else len(self.data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,7 +226,7 @@ def _queue_action(action: str) -> Callable[[config.Settings, argparse.Namespace]
     async def cmd(s: config.Settings, args: argparse.Namespace) -> None:
         async def run(relay: Any) -> None:
             queue_id = getattr(args, "queue_id", None)
-            changed = await queue_admin(relay.sessions, action, queue_id)
+            changed = await queue_admin(relay.sessions, action, queue_id, state_dir=s.state_dir)
             if queue_id and not changed:
                 raise CommandError(f"{action}: no {'held ' if action == 'release' else ''}queue item {queue_id}"
                                    + ("" if action in ("delete", "release") else " waiting in the queue"))

@@ -20,6 +20,7 @@ not) discards the message and answers ``msg.line_too_long``.  Either way nothing
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass
 
 END = b"\r\n.\r\n"
@@ -78,25 +79,32 @@ def unstuff(parts: list[bytes]) -> bytes:
     """Join raw DATA pieces (the final ``. CRLF`` already cut off) and undo dot-stuffing.
 
     RFC 5321 4.5.2: a line that begins with a dot loses that dot.  Pieces are unstuffed one
-    by one (an occurrence split across two pieces is handled at the seam) and replaced in the
-    list as they go, so the message is held about twice at most while it is joined.
+    by one (an occurrence split across two pieces is handled at the seam).
     """
-    before = b"\r\n"           # the last raw bytes before this piece: the data begins a line
-    for i, raw in enumerate(parts):
+    unstuffer = _Unstuffer()
+    return b"".join(unstuffer.feed(raw) for raw in parts)
+
+
+class _Unstuffer:
+    """Dot-stuffing undone piece by piece, across the seams between pieces."""
+
+    __slots__ = ("before",)
+
+    def __init__(self) -> None:
+        self.before = b"\r\n"     # the last raw bytes before this piece: the data begins a line
+
+    def feed(self, raw: bytes) -> bytes:
         if not raw:
-            continue
+            return raw
         piece = raw
-        if before.endswith(b"\r\n") and piece[:1] == b".":
+        if self.before.endswith(b"\r\n") and piece[:1] == b".":
             piece = piece[1:]
-        elif before.endswith(b"\r") and piece[:2] == b"\n.":
+        elif self.before.endswith(b"\r") and piece[:2] == b"\n.":
             piece = piece[:1] + piece[2:]
         if b"\r\n." in piece:
             piece = piece.replace(b"\r\n.", b"\r\n")
-        before = (before + raw)[-2:] if len(raw) < 2 else raw[-2:]
-        parts[i] = piece
-    content = parts[0] if len(parts) == 1 else b"".join(parts)
-    parts.clear()
-    return content
+        self.before = (self.before + raw)[-2:] if len(raw) < 2 else raw[-2:]
+        return piece
 
 
 async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Data:
@@ -104,7 +112,13 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Dat
 
     Raises ``asyncio.IncompleteReadError`` when the connection ends first (nothing is kept).
     """
-    parts: list[bytes] = []
+    # The message is written into one growing buffer as it arrives, unstuffed piece by piece,
+    # and the last three raw bytes are held back (at the end they are the final ". CRLF"): the
+    # pieces are never all held at once beside the joined message (a 25 MB message costs its
+    # size once here, not twice).
+    out: io.BytesIO | None = io.BytesIO()
+    unstuffer = _Unstuffer()
+    held = b""
     size = 0
     lines = _Lines()
     too_big = False
@@ -129,26 +143,17 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Dat
         if size_limit and size - 3 > size_limit:
             too_big = True
         if too_big or lines.too_long:
-            parts.clear()     # keep reading to the final dot, keep nothing
-        else:
-            parts.append(piece)
+            out = None        # keep reading to the final dot, keep nothing
+        elif out is not None:
+            data = held + piece
+            out.write(unstuffer.feed(data[:-3]))
+            held = data[-3:]
         tail = (tail + piece)[-4:] if len(piece) < 4 else piece[-4:]
         if done:
             break
     size -= 3                 # the final ". CRLF"
     if too_big or (size_limit and size > size_limit):
         return Data(b"", size, "msg.too_big")
-    if lines.too_long:
+    if lines.too_long or out is None:
         return Data(b"", size, "msg.line_too_long")
-    _cut_end(parts, 3)
-    return Data(unstuff(parts), size)
-
-
-def _cut_end(parts: list[bytes], count: int) -> None:
-    """Drop the last ``count`` bytes of the pieces (the final ``. CRLF``)."""
-    while count and parts:
-        last = parts.pop()
-        if len(last) > count:
-            parts.append(last[:-count])
-            return
-        count -= len(last)
+    return Data(out.getvalue(), size)

@@ -18,15 +18,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
-from . import log, mx
-from .dkim import DkimSigner
+from . import log, mx, spool
+from .spool import Spooled
+from .dkim import DkimSigner, body_hash_relaxed
 from .headers import split_message
 from .notify import Failure, may_notify, notice_rows
 from .queue import Claimed, Enqueuer, claim, record_attempt, record_error, release_dead_leases
@@ -46,7 +47,7 @@ class Result:
 
 
 class Target(Protocol):
-    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result: ...
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes | Spooled) -> Result: ...
 
 
 class MaildirTarget:
@@ -57,7 +58,7 @@ class MaildirTarget:
         for sub in ("tmp", "new", "cur"):
             (path / sub).mkdir(parents=True, exist_ok=True)
 
-    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes | Spooled) -> Result:
         result = Result()
         for rcpt in recipients:
             try:
@@ -68,16 +69,18 @@ class MaildirTarget:
                 result.delivered.append(rcpt)
         return result
 
-    def _write(self, envelope_from: str, rcpt: str, body: bytes) -> None:
+    def _write(self, envelope_from: str, rcpt: str, body: bytes | Spooled) -> None:
         name = f"{time.time():.6f}.{os.getpid()}_{secrets.token_hex(6)}.{socket.gethostname()}"
         tmp, new = self.path / "tmp" / name, self.path / "new" / name
         head = f"Return-Path: <{envelope_from}>\r\nDelivered-To: {rcpt}\r\n".encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, head)
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
+            pieces = [body] if isinstance(body, bytes) else [body.prefix, *body.body_pieces()]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -99,15 +102,17 @@ def _crlf_only(body: bytes) -> bool:
 
 
 async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
-                        body: bytes) -> dict[str, aiosmtplib.SMTPResponse]:
+                        body: bytes | Spooled) -> dict[str, aiosmtplib.SMTPResponse]:
     """``client.sendmail`` for a body that is CRLF throughout (intake refuses anything else):
     dot-stuffed here with one ``replace`` instead of aiosmtplib's regex passes over the whole
     body (line-ending normalisation and stuffing, once more for SIZE), then written as is."""
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    data = body.replace(b"\r\n.", b"\r\n..")
-    if data.startswith(b"."):
-        data = b"." + data
+    spooled = body if isinstance(body, Spooled) else None
+    data = b""
+    if spooled is None:
+        assert isinstance(body, bytes)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        data = _stuff(body)
     try:
         if client.is_ehlo_or_helo_needed:
             try:
@@ -115,7 +120,8 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
             except aiosmtplib.SMTPHeloError:
                 await client.helo()
         options = [f"SIZE={len(body)}"] if client.supports_extension("size") else []
-        if not body.isascii():
+        ascii_only = body.isascii() if spooled is None else await asyncio.to_thread(body.isascii)
+        if not ascii_only:
             # Never raw 8-bit to a server that did not offer 8BITMIME (RFC 6152): the message is
             # DKIM-signed as it is, so it is not converted; it fails with 5.6.3 (catalogue C5,
             # docs/decisions/0009).
@@ -130,7 +136,10 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _GoneBeforeData(str(exc)) from exc     # nothing was accepted: safe to send again
         assert client.protocol is not None
-        client.protocol.write(data)
+        if spooled is None:
+            client.protocol.write(data)
+        else:
+            await _write_spooled(client.protocol, spooled)
         client.protocol.write(b".\r\n")
         end = await client.protocol.read_response(timeout=client.timeout)
         if end.code != 250:
@@ -145,6 +154,29 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
         except (ConnectionError, aiosmtplib.SMTPException):
             pass
         raise
+
+
+def _stuff(lines: bytes) -> bytes:
+    """Dot-stuffing of whole lines (RFC 5321 4.5.2)."""
+    data = lines.replace(b"\r\n.", b"\r\n..")
+    return b"." + data if data.startswith(b".") else data
+
+
+async def _write_spooled(proto: Any, message: Spooled) -> None:
+    """DATA from a spool file, a piece at a time, waiting for the socket to take each (memory
+    stays at about one piece whatever the message's size).  Pieces are whole lines."""
+    proto.write(_stuff(message.prefix))
+    pieces = message.body_pieces()
+    last = b"\r\n"
+    while True:
+        piece = await asyncio.to_thread(next, pieces, None)
+        if piece is None:
+            break
+        proto.write(_stuff(piece))
+        last = piece[-2:]
+        await proto._drain_helper()      # aiosmtplib's flow control (asyncio's FlowControlMixin)
+    if last != b"\r\n":
+        proto.write(b"\r\n")
 
 
 async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
@@ -166,13 +198,14 @@ async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Seq
     return errors
 
 
-async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
+                    body: bytes | Spooled) -> Result:
     """One transaction on a connected client, translated into per-recipient outcomes."""
     result = Result()
     if envelope_from == "<>":   # the null sender as aiosmtpd records it (postmaster mail from <>)
         envelope_from = ""
     try:
-        if _crlf_only(body):
+        if isinstance(body, Spooled) or _crlf_only(body):
             errors = await _send_stuffed(client, envelope_from, recipients, body)
         else:
             errors, _ = await client.sendmail(envelope_from, list(recipients), body)
@@ -230,7 +263,7 @@ class SmarthostTarget:
             await client.login(self.user, self.password)
         return client
 
-    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes | Spooled) -> Result:
         client: aiosmtplib.SMTP | None = None
         try:
             unchecked = False
@@ -284,7 +317,7 @@ class MxTarget:
         self.timeout = settings.delivery.timeout
         self.helo = settings.smtp.hostname
 
-    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes) -> Result:
+    async def send(self, envelope_from: str, recipients: Sequence[str], body: bytes | Spooled) -> Result:
         by_domain: dict[str, list[str]] = defaultdict(list)
         for rcpt in recipients:
             by_domain[rcpt.rpartition("@")[2].lower()].append(rcpt)
@@ -422,6 +455,21 @@ class Deliverer:
         if self._backlog:
             self.wakeup.set()
 
+    async def _spooled(self, item: Claimed) -> Spooled:
+        """The message of a spooled item: signed over its file, hashed in a thread, in pieces."""
+        assert item.spool_path is not None
+        path = spool.path_of(self.settings.state_dir, item.spool_path)
+        head = item.body                           # the header block and its blank line
+        if self.signer is None:
+            return Spooled(head, path, len(head))
+
+        def body_hash() -> bytes:
+            with open(path, "rb") as fh:
+                fh.seek(len(head))
+                return body_hash_relaxed(fh.read)
+        signature = self.signer.sign_hashed(head[:-2], await asyncio.to_thread(body_hash))
+        return Spooled(signature + head, path, len(head))
+
     def sign(self, body: bytes) -> bytes:
         if self.signer is None:
             return body
@@ -434,7 +482,7 @@ class Deliverer:
             addresses = [address for _, address, _ in item.recipients]
             if not addresses:
                 raise ValueError("queue item without pending recipients")
-            body = self.sign(item.body)
+            body: bytes | Spooled = (await self._spooled(item) if item.spool_path else self.sign(item.body))
         except Exception as exc:
             await self._poison(item, exc)
             return
@@ -478,6 +526,8 @@ class Deliverer:
             self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
                            error_type=type(exc).__name__, error=log.error_line(exc))
             return
+        if status == "done" and item.spool_path:
+            spool.remove(self.settings.state_dir, item.spool_path)
         if notices:
             self.wakeup.set()
         # ``to`` is the real recipient: a keyed digest in the log unless [logging] redact = false.

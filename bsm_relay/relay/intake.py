@@ -9,6 +9,7 @@ stage) alone reads it, and hands back the message to forward, masked if it must 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -22,7 +23,7 @@ from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
 from ..policy.decision import ACCEPT, Decision, refuse
 from ..policy.facts import Order as PolicyOrder
-from . import auth, bounce_in, marketplace
+from . import auth, bounce_in, marketplace, spool
 from .context import Relay
 from .headers import (
     AmbiguousFrom,
@@ -33,11 +34,10 @@ from .headers import (
     parse_headers,
     parse_msg_ids,
     received_count,
-    split_message,
 )
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
 from .queue import Accepted, new_queue_id
-from .rewrite import RewritePlan, format_received, render
+from .rewrite import RewritePlan, format_received, render, render_head, split_offsets
 from .store import BuyerRow, SellerRow
 
 MAX_HOPS = 50
@@ -109,9 +109,9 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     """Decide on one message; on acceptance, return only after the rows are committed."""
     if _bad_line_endings(tx.content):
         return Outcome(refuse("msg.bad_line_ending"))
-    header_block, body = split_message(tx.content)
+    block_end, body_start = split_offsets(tx.content)     # offsets: a large body is not copied
     try:
-        headers = parse_headers(header_block)
+        headers = parse_headers(tx.content[:block_end])
     except MalformedHeader:
         return Outcome(refuse("msg.malformed"))
     if received_count(headers) > MAX_HOPS:
@@ -159,8 +159,8 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
                                 parse_msg_ids(_first(headers, "References")))
         for rcpt in aliased:
-            verdict = await marketplace.check(relay, tx, rcpt, headers, body, sender.address, thread_ids,
-                                              tx.contact_reason, tx.order_hint)
+            verdict = await marketplace.check(relay, tx, rcpt, headers, tx.content, sender.address, thread_ids,
+                                              tx.contact_reason, tx.order_hint, body_start=body_start)
             if not verdict.decision.accepted:
                 await _log_refusal(relay, tx, rcpt, verdict.decision, **verdict.log_fields)
                 return Outcome(verdict.decision, log={"alias": rcpt.address, **_ids(rcpt), **verdict.log_fields})
@@ -192,7 +192,12 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         outcome = await bounce_in.handle(relay, rcpt.bounce_of, tx.mail_from, tx.content)
         first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
     if acc.items:
-        await relay.enqueuer.commit(acc)
+        try:
+            await relay.enqueuer.commit(acc)
+        except BaseException:
+            for item in acc.items:                 # not queued: its spool file is nobody's
+                spool.remove(relay.settings.state_dir, item.spool_path)
+            raise
         for rcpt, verdict in zip(aliased, verdicts):
             if verdict.proactive and rcpt.ref is not None:
                 relay.store.note_proactive(rcpt.ref.seller_id, now)
@@ -329,10 +334,20 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
         extra=([("Authentication-Results", auth_results)] if auth_results else []) + [(LOOP_HEADER, loop_marker(relay))],
         date_if_missing=_rfc5322_date(now))
-    body = render(content, plan)
+    spool_path = None
+    q = settings.queue
+    if len(content) > q.spool_threshold and spool.enabled(q.spool_threshold, settings.database_url):
+        # A large message goes to a spool file, written from the bytes received (no rendered copy
+        # in memory); the row keeps the new header block, for trace and DSNs.
+        body, offset = render_head(content, plan)
+        spool_path = await asyncio.to_thread(spool.write, settings.state_dir, qid, body, memoryview(content)[offset:])
+        size = len(body) + len(content) - offset
+    else:
+        body = render(content, plan)
+        size = len(body)
     item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
-                     origin_sender=sender, body=body, size=len(body), created_at=now, next_attempt_at=now,
-                     attempts=0, status="queued", session_id=tx.session_id)
+                     origin_sender=sender, body=body, size=size, created_at=now, next_attempt_at=now,
+                     attempts=0, status="queued", session_id=tx.session_id, spool_path=spool_path)
     recipient = QueueRecipient(queue_id=qid, address=to_address, alias=rcpt.address, status="pending")
     thread = ThreadId(minted=minted, original=original_id or minted, seller_id=ref.seller_id,
                       buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)

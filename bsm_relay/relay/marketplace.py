@@ -122,14 +122,17 @@ def _utc_midnight(now: datetime) -> datetime:
 
 async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: bytes, sender_address: str,
                 thread_refs: Any, contact_reason: str | None = None,
-                order_hint: Order | None = None) -> PolicyOutcome:
-    """Decide on one message for one aliased recipient (``rcpt`` as resolved at RCPT)."""
+                order_hint: Order | None = None, body_start: int = 0) -> PolicyOutcome:
+    """Decide on one message for one aliased recipient (``rcpt`` as resolved at RCPT).
+
+    ``body_start``: ``body`` is the whole message and its body begins there (intake passes the
+    message as received, so a large body is never copied to be read)."""
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     store = relay.store
     header_block = b"".join(h.raw for h in headers)
     original = tx.content
     try:
-        parsed = mime.parse(header_block, body)
+        parsed = mime.parse(header_block, body, body_start)
     except mime.MalformedMime:
         return PolicyOutcome(refuse("msg.malformed"), original, contact_reason=contact_reason)
     config = policy_config(relay.settings)
@@ -178,7 +181,7 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     content = original
     if fields or rewritten.changed:
         block = mime.replace_header_lines(header_block, fields) if fields else header_block
-        content = block + b"\r\n" + (rewritten.body if rewritten.changed else body)
+        content = block + b"\r\n" + (rewritten.body if rewritten.changed else body[body_start:])
     return PolicyOutcome(assessment.decision, content, order_id, contact_reason, proactive)
 
 

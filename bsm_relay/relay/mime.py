@@ -74,9 +74,10 @@ class Leaf:
 
 @dataclass(frozen=True)
 class MimeBody:
-    body: bytes
+    body: bytes                       # offsets are into this (the whole message when start > 0)
     leaves: tuple[Leaf, ...]
     attachments: tuple[Attachment, ...]
+    start: int = 0                    # where the body begins in ``body``
 
     @property
     def text_parts(self) -> tuple[TextPart, ...]:
@@ -93,11 +94,14 @@ class _Walk:
 
 # -- parsing -------------------------------------------------------------------------
 
-def parse(header_block: bytes, body: bytes) -> MimeBody:
-    """Walk ``body`` whose top-level headers are ``header_block`` (as split by intake)."""
+def parse(header_block: bytes, body: bytes, start: int = 0) -> MimeBody:
+    """Walk ``body`` whose top-level headers are ``header_block`` (as split by intake).
+
+    ``start``: ``body`` is the whole message and the body begins there (no copy of a large
+    body is made to walk it)."""
     walk = _Walk(body)
-    _part(walk, _HEADER_PARSER.parsebytes(header_block), (0, 0, 0), len(body), 0, top=True)
-    return MimeBody(body, tuple(walk.leaves), tuple(walk.attachments))
+    _part(walk, _HEADER_PARSER.parsebytes(header_block), (start, start, start), len(body), 0, top=True)
+    return MimeBody(body, tuple(walk.leaves), tuple(walk.attachments), start)
 
 
 def _part(walk: _Walk, headers: Message, offsets: tuple[int, int, int], end: int, depth: int,
@@ -118,7 +122,7 @@ def _part(walk: _Walk, headers: Message, offsets: tuple[int, int, int], end: int
         # clients with it, read them all as a message.
         _child(walk, start, end, depth)
         return
-    data = _decode_content(walk.body[start:end], cte)
+    data = _decode_content(memoryview(walk.body)[start:end], cte)
     filename = headers.get_filename()
     disposition = headers.get_content_disposition()
     if ctype in _TEXT_TYPES and disposition != "attachment" and not filename:
@@ -126,7 +130,12 @@ def _part(walk: _Walk, headers: Message, offsets: tuple[int, int, int], end: int
         walk.leaves.append(Leaf(*offsets, end, headers, ctype, cte, top, TextPart(ctype, text), charset))
         return
     walk.leaves.append(Leaf(*offsets, end, headers, ctype, cte, top))
-    walk.attachments.append(Attachment(str(filename or ""), ctype, data))
+    size = len(data)
+    if size > _KEEP_WHOLE and not data.startswith(b"PK"):
+        # Policy sniffs a type from the first bytes (a ZIP container needs its directory at the
+        # end, so those stay whole) and counts the size: a large attachment is not kept whole.
+        data = data[:_SNIFF_PREFIX]
+    walk.attachments.append(Attachment(str(filename or ""), ctype, data, size))
 
 
 def _child(walk: _Walk, start: int, end: int, depth: int) -> None:
@@ -196,16 +205,25 @@ def _split_part(body: bytes, start: int, end: int) -> tuple[int, int]:
     return end, end
 
 
-def _decode_content(raw: bytes, cte: str) -> bytes:
+def _decode_content(raw: memoryview, cte: str) -> bytes:
     if cte == "base64":
-        compact = b"".join(raw.split())
+        try:
+            return binascii.a2b_base64(raw)     # line breaks and other non-alphabet bytes skipped
+        except binascii.Error:
+            pass                                # missing padding: add it, as mail clients do
+        compact = b"".join(bytes(raw).split())
         try:
             return binascii.a2b_base64(compact + b"=" * (-len(compact) % 4))
         except binascii.Error:
             raise MalformedMime("base64 content does not decode") from None
     if cte == "quoted-printable":
         return binascii.a2b_qp(raw)
-    return raw
+    return bytes(raw)
+
+
+# Attachments larger than this keep only their first _SNIFF_PREFIX bytes (and their size).
+_KEEP_WHOLE = 1 << 20
+_SNIFF_PREFIX = 1 << 16
 
 
 def _codec(charset: str | None) -> str | None:
@@ -235,18 +253,27 @@ def _decode_text(headers: Message, data: bytes) -> tuple[str | None, str]:
 
 @dataclass(frozen=True)
 class Rewritten:
-    body: bytes
+    new_body: bytes | None               # None: unchanged (``body`` is then the parsed one)
     # Top-level header fields to replace (name -> full new value); non-empty only when a
     # single-part message had to change charset or transfer encoding.
     headers: Mapping[str, str]
     changed: bool
+    source: MimeBody | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The body after the rewrite (unchanged: the original, copied only when asked for)."""
+        if self.new_body is not None:
+            return self.new_body
+        assert self.source is not None
+        return self.source.body[self.source.start:] if self.source.start else self.source.body
 
 
 def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewritten:
     """Replace each text part for which ``new_text`` returns a different text."""
     pieces: list[bytes] = []
     top_headers: dict[str, str] = {}
-    pos = 0
+    pos = parsed.start
     changed = False
     body = parsed.body
     for leaf in parsed.leaves:
@@ -271,8 +298,10 @@ def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewr
         pieces.append(body[leaf.header_end:leaf.body_start])
         pieces.append(content)
         pos = leaf.end
+    if not changed:      # nothing to rebuild (a 25 MB message is not copied to say so)
+        return Rewritten(None, top_headers, False, parsed)
     pieces.append(body[pos:])
-    return Rewritten(b"".join(pieces), top_headers, changed)
+    return Rewritten(b"".join(pieces), top_headers, changed, parsed)
 
 
 def _encode(leaf: Leaf, text: str, original: bytes) -> tuple[bytes, dict[str, str]]:

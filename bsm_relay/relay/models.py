@@ -143,6 +143,8 @@ class QueueItem(Base):
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)   # the SMTP session it came in
+    # A large message lives in this file (relative to the state directory); body is its header block.
+    spool_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class QueueRecipient(Base):

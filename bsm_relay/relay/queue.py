@@ -19,12 +19,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from . import spool
 from .models import MessageEvent, QueueItem, QueueRecipient
 
 
@@ -57,6 +59,7 @@ class Claimed:
     recipients: tuple[tuple[int, str, str], ...]          # (row id, real address, alias)
     delay_notified: bool = False
     session_id: str | None = None                         # the SMTP session that brought it (for the log)
+    spool_path: str | None = None                         # the message is this file; body its header block
 
 
 
@@ -257,7 +260,7 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
         if not ids:
             return []
         items = (await s.execute(select(q.id, q.kind, q.envelope_from, q.origin_sender, q.body, q.attempts,
-                                        q.created_at, q.delay_notified, q.session_id)
+                                        q.created_at, q.delay_notified, q.session_id, q.spool_path)
                                  .where(q.id.in_(ids)))).all()
         r = _RCPTS.c
         rcpts = (await s.execute(select(r.id, r.queue_id, r.address, r.alias).where(
@@ -266,7 +269,8 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
         for rid, qid, address, alias in rcpts:
             by_item.setdefault(qid, []).append((rid, address, alias))
         return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                        tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id) for i in items]
+                        tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path)
+                for i in items]
     return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
@@ -432,10 +436,12 @@ async def get_item(sessions: async_sessionmaker[AsyncSession], queue_id: str) ->
 
 
 async def admin(sessions: async_sessionmaker[AsyncSession], action: str, queue_id: str | None = None,
-                now: float | None = None) -> int:
+                now: float | None = None, state_dir: Path | None = None) -> int:
     """Operator actions: retry (due now), hold, release (back to queued, errors reset), delete,
-    flush (everything queued is due now). Returns the number of items changed."""
+    flush (everything queued is due now). Returns the number of items changed.  A deleted
+    item's spool file (under ``state_dir``) goes with it."""
     now = time.time() if now is None else now
+    spooled: str | None = None
     async with sessions.begin() as s:
         one = QueueItem.id == queue_id
         if action == "retry":
@@ -448,12 +454,15 @@ async def admin(sessions: async_sessionmaker[AsyncSession], action: str, queue_i
             stmt = update(QueueItem).where(one, QueueItem.status == "hold").values(
                 status="queued", errors=0, next_attempt_at=now, lease_owner=None, lease_until=None)
         elif action == "delete":
+            spooled = (await s.execute(select(QueueItem.spool_path).where(one))).scalar_one_or_none()
             await s.execute(delete(QueueRecipient).where(QueueRecipient.queue_id == queue_id))
             stmt = delete(QueueItem).where(one)
         else:
             raise ValueError(action)
-        res = await s.execute(stmt)
-        return res.rowcount or 0
+        changed = (await s.execute(stmt)).rowcount or 0
+    if spooled and state_dir is not None:
+        spool.remove(state_dir, spooled)
+    return changed
 
 
 async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: bool = False) -> list[dict[str, Any]]:

@@ -130,6 +130,22 @@ def render(raw: bytes, plan: RewritePlan) -> bytes:
     return rewrite_headers(parse_headers(block), plan) + b"\r\n" + body
 
 
+def render_head(raw: bytes, plan: RewritePlan) -> tuple[bytes, int]:
+    """:func:`render` in two pieces, for a message written to a spool file: the rewritten header
+    block with its blank line, and where the untouched body begins in ``raw``."""
+    block_end, start = split_offsets(raw)
+    return rewrite_headers(parse_headers(raw[:block_end]), plan) + b"\r\n", start
+
+
+def split_offsets(raw: bytes) -> tuple[int, int]:
+    """``split_message`` as offsets: where the header block ends (with its last CRLF) and where
+    the body begins, so a large body need not be copied out of the message."""
+    if raw.startswith(b"\r\n"):
+        return 0, 2
+    end = raw.find(b"\r\n\r\n")
+    return (len(raw), len(raw)) if end < 0 else (end + 2, end + 4)
+
+
 def format_received(hostname: str, queue_id: str, when: datetime, protocol: str = "ESMTP") -> str:
     """Our Received value.  It names no client IP and no client host: the hop before us is
     the sender's own provider, and naming it would tell the recipient who wrote."""

@@ -1,0 +1,107 @@
+"""Spool files: large messages on disk instead of in the queue row.
+
+A message above ``[queue] spool_threshold`` is written once, at acceptance, as its rewritten
+header block followed by the original body straight from the bytes received (no copy of the
+message is built in memory), fsynced with its directory before the queue row that names it is
+committed, and so before the 250.  Delivery reads it in pieces: the DKIM body hash and the
+dot-stuffed DATA stream each hold about one piece, never the whole message.  The file is
+removed once the item is done.
+
+SQLite only: with PostgreSQL several nodes share the queue and each must be able to deliver
+every item, so bodies stay in the database there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SPOOL_DIR = "spool"
+CHUNK = 1 << 20
+
+
+def enabled(threshold: int, database_url: str) -> bool:
+    return threshold > 0 and database_url.startswith("sqlite")
+
+
+def write(state_dir: Path, queue_id: str, head: bytes, body: memoryview | bytes) -> str:
+    """Write ``head`` + ``body`` durably; return the path relative to ``state_dir``."""
+    directory = state_dir / SPOOL_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    relative = f"{SPOOL_DIR}/{queue_id}-{secrets.token_hex(4)}.eml"
+    path = state_dir / relative
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as out:
+            out.write(head)
+            view = memoryview(body)
+            for start in range(0, len(view), CHUNK):
+                out.write(view[start:start + CHUNK])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return relative
+
+
+def path_of(state_dir: Path, relative: str) -> Path:
+    path = (state_dir / relative).resolve()
+    if path.parent != (state_dir / SPOOL_DIR).resolve():      # only ever our own files
+        raise ValueError(f"not a spool file: {relative!r}")
+    return path
+
+
+def remove(state_dir: Path, relative: str | None) -> None:
+    if relative:
+        try:
+            path_of(state_dir, relative).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A message to send from a spool file: ``prefix`` (the DKIM signature and the header block
+    with its blank line), then the file's bytes from ``offset`` on (the body)."""
+
+    prefix: bytes
+    path: Path
+    offset: int
+
+    def __len__(self) -> int:
+        return len(self.prefix) + self.path.stat().st_size - self.offset
+
+    def body_pieces(self, chunk: int = CHUNK) -> Iterator[bytes]:
+        """The body in pieces that end after a CRLF (whole lines; a longer line is read whole)."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            rest = b""
+            while True:
+                data = fh.read(chunk)
+                if not data:
+                    if rest:
+                        yield rest
+                    return
+                piece = rest + data
+                cut = piece.rfind(b"\r\n")
+                if cut < 0:
+                    rest = piece
+                    continue
+                rest = piece[cut + 2:]
+                yield piece[:cut + 2]
+
+    def isascii(self) -> bool:
+        return self.prefix.isascii() and all(piece.isascii() for piece in self.body_pieces())
+
+
+__all__ = ["CHUNK", "Spooled", "enabled", "path_of", "remove", "write"]
