@@ -195,9 +195,14 @@ def _mask_parties(text: str, addresses: tuple[str, ...]) -> str:
     lenient reading, masked and encoded again by us: the reader then sees exactly that text,
     whatever its decoder would have made of the original (fail closed).
     """
+    wanted = [a.lower() for a in addresses if a]
+    if text.isascii() and "=?" not in text:       # no encoded word: every reader sees the text
+        if not any(a in text.lower() for a in wanted):
+            return text
+        return _CONTROL.sub(" ", re.sub("|".join(map(re.escape, wanted)), "[email removed]", text,
+                                        flags=re.IGNORECASE))
     lenient, defective = _decode_lenient(text)
     readings = (lenient, _decode_lenient(_ASCII_ONLY.sub("", text))[0], _decode_header(text), text)
-    wanted = [a.lower() for a in addresses if a]
     shown = next((r for r in readings if any(a in r.lower() for a in wanted)), None)
     if shown is None and not defective:
         return text
