@@ -302,3 +302,18 @@ async def test_leases_of_dead_processes_on_this_host_are_released_at_start(tmp_p
     async with sessions() as s:
         left = {i.id: i.lease_owner for i in (await s.execute(select(QueueItem))).scalars()}
     assert left == {"qdead": None, "qlive": owners["qlive"], "qother": owners["qother"]}
+
+
+async def test_a_spooled_item_is_claimed_only_by_the_node_that_holds_its_file(tmp_path, sessions):
+    from sqlalchemy import update
+
+    from bsm_relay.relay import spool
+    from bsm_relay.relay.models import QueueItem
+    from bsm_relay.relay.queue import claim
+    for qid, path in (("qlocal", spool.host_prefix() + "a.eml"), ("qremote", "spool/another-node/b.eml"),
+                      ("qrow", None)):
+        await enqueue(sessions, qid, [(BUYERS[0], ALIASES[0])])
+        async with sessions.begin() as s:
+            await s.execute(update(QueueItem).where(QueueItem.id == qid).values(spool_path=path))
+    claimed = await claim(sessions, "node-a", 10, 60)
+    assert sorted(c.id for c in claimed) == ["qlocal", "qrow"]

@@ -299,8 +299,7 @@ def _spooled_message(alias: str) -> bytes:
 
 
 def _spool_files(relay: RelayProcess) -> list[Path]:
-    directory = relay.workdir / "state" / "spool"
-    return sorted(directory.iterdir()) if directory.exists() else []
+    return sorted((relay.workdir / "state" / "spool").rglob("*.eml"))
 
 
 def test_a_large_message_is_spooled_streamed_signed_and_removed(tmp_path, sink):

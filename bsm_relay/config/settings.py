@@ -95,8 +95,8 @@ class QueueSettings:
     lease: int = 600                # a claimed item is another worker's after this many seconds
     max_errors: int = 3             # processing failures (bugs, broken rows) before an item is held
     max_depth: int = 100_000        # items waiting (not done) beyond which MAIL gets 452 4.3.1; 0: no limit
-    # Messages larger than this go to a spool file under <state_dir>/spool instead of the database
-    # row (SQLite only: with PostgreSQL every node must be able to deliver every item); 0: never.
+    # Messages larger than this go to a spool file under <state_dir>/spool/<host> instead of the
+    # database row, and are delivered by the node that holds the file; 0: never.
     spool_threshold: int = 1_048_576
 
 

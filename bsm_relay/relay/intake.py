@@ -336,7 +336,7 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         date_if_missing=_rfc5322_date(now))
     spool_path = None
     q = settings.queue
-    if len(content) > q.spool_threshold and spool.enabled(q.spool_threshold, settings.database_url):
+    if len(content) > q.spool_threshold and spool.enabled(q.spool_threshold):
         # A large message goes to a spool file, written from the bytes received (no rendered copy
         # in memory); the row keeps the new header block, for trace and DSNs.
         body, offset = render_head(content, plan)

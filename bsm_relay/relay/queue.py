@@ -237,8 +237,11 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
 
 def _due(now: float, limit: int) -> Select[Any]:
     q = _QUEUE.c
+    # A spooled item is this node's only if its file is here (another node's local queue).
     return (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
-                               or_(q.lease_until.is_(None), q.lease_until < now))
+                               or_(q.lease_until.is_(None), q.lease_until < now),
+                               or_(q.spool_path.is_(None), q.spool_path.startswith(spool.host_prefix(),
+                                                                                    autoescape=True)))
             .order_by(q.next_attempt_at).limit(limit))
 
 

@@ -7,14 +7,17 @@ committed, and so before the 250.  Delivery reads it in pieces: the DKIM body ha
 dot-stuffed DATA stream each hold about one piece, never the whole message.  The file is
 removed once the item is done.
 
-SQLite only: with PostgreSQL several nodes share the queue and each must be able to deliver
-every item, so bodies stay in the database there.
+Files live under ``spool/<host>/``: with several nodes on one PostgreSQL, a spooled item is
+claimed only by the node that holds its file (``queue.claim``), so a node that is down delays
+its own large messages until it is back, as with any MTA's local queue, and never makes another
+node fail on a file it cannot read.  Small messages stay in the database, deliverable anywhere.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +26,23 @@ SPOOL_DIR = "spool"
 CHUNK = 1 << 20
 
 
-def enabled(threshold: int, database_url: str) -> bool:
-    return threshold > 0 and database_url.startswith("sqlite")
+def enabled(threshold: int) -> bool:
+    return threshold > 0
+
+
+def host_prefix() -> str:
+    """The spool paths of this host (what ``claim`` lets this node take)."""
+    return f"{SPOOL_DIR}/{_HOST}/"
+
+
+_HOST = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
 
 
 def write(state_dir: Path, queue_id: str, head: bytes, body: memoryview | bytes) -> str:
     """Write ``head`` + ``body`` durably; return the path relative to ``state_dir``."""
-    directory = state_dir / SPOOL_DIR
-    directory.mkdir(mode=0o700, exist_ok=True)
-    relative = f"{SPOOL_DIR}/{queue_id}-{secrets.token_hex(4)}.eml"
+    directory = state_dir / SPOOL_DIR / _HOST
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    relative = f"{host_prefix()}{queue_id}-{secrets.token_hex(4)}.eml"
     path = state_dir / relative
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -56,7 +67,7 @@ def write(state_dir: Path, queue_id: str, head: bytes, body: memoryview | bytes)
 
 def path_of(state_dir: Path, relative: str) -> Path:
     path = (state_dir / relative).resolve()
-    if path.parent != (state_dir / SPOOL_DIR).resolve():      # only ever our own files
+    if path.parent.parent != (state_dir / SPOOL_DIR).resolve():      # only ever our own files
         raise ValueError(f"not a spool file: {relative!r}")
     return path
 
@@ -104,4 +115,4 @@ class Spooled:
         return self.prefix.isascii() and all(piece.isascii() for piece in self.body_pieces())
 
 
-__all__ = ["CHUNK", "Spooled", "enabled", "path_of", "remove", "write"]
+__all__ = ["CHUNK", "Spooled", "enabled", "host_prefix", "path_of", "remove", "write"]
