@@ -171,7 +171,10 @@ def write_lock(url: str) -> Callable[[], AbstractAsyncContextManager[None]] | No
     async def locked() -> AsyncIterator[None]:
         if not fd:
             fd.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        await asyncio.to_thread(fcntl.flock, fd[0], fcntl.LOCK_EX)
+        try:                  # free: taken at once, no thread hand-off
+            fcntl.flock(fd[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            await asyncio.to_thread(fcntl.flock, fd[0], fcntl.LOCK_EX)
         try:
             yield
         finally:
