@@ -89,6 +89,9 @@ _PHONE_RE = re.compile(r"(?<![\w+])\+?\(?\d(?:[ \t.\-/()\u00a0]{0,3}\d)*+")
 _PHONE_SEPARATORS = frozenset(" \t.-/()\u00a0")
 _LINK_RE = re.compile(r"\b(?:(?:https?|ftp)://|www\.)[^\s<>\"'`]*+", re.IGNORECASE)
 _HOST_RE = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
+# Cheap scans that let the full patterns be skipped: every link holds one, every phone a digit.
+_LINK_HINT_RE = re.compile(r"://|www\.", re.IGNORECASE)
+_DIGIT_RE = re.compile(r"\d")
 _URL_TRAILING = ".,;:!?)]}*_~"
 
 
@@ -176,7 +179,7 @@ class _Masker:
 
     def phones(self, text: str) -> str:
         rules = self.rules
-        if rules.phones is Action.ALLOW:
+        if rules.phones is Action.ALLOW or not _DIGIT_RE.search(text):   # no digit, no number
             return text
 
         def one(match: re.Match[str]) -> str:
@@ -200,6 +203,8 @@ class _Masker:
 
     def plain(self, text: str) -> str:
         """Mask a run of plain text: links are cut out first so phones never eat into them."""
+        if not _LINK_HINT_RE.search(text):          # no scheme, no "www.": no link to cut out
+            return self.words(text)
         out: list[str] = []
         pos = 0
         for match in _LINK_RE.finditer(text):
