@@ -7,8 +7,8 @@ and the sentence the sender reads. Pure, stdlib only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ The same reason codes are the closed vocabulary of the log (``reason=`` on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .decision import Decision
 

@@ -20,9 +20,9 @@ from ..aliases import keys as keyring
 from ..aliases.codec import Direction
 from ..config import settings as config
 from . import cli_marketplace, cli_ops, db
+from .dkim import DkimKeyError, generate_key, txt_record_name
 from .queue import admin as queue_admin
 from .queue import get_item, list_items
-from .dkim import DkimKeyError, generate_key, txt_record_name
 from .server import StartupError, dkim_key_path, load_signer, open_relay, serve
 from .store import ORDER_STATUSES, StoreError
 
@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loop_factory(settings: config.Settings, args: argparse.Namespace) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def _loop_factory(settings: config.Settings,
+                  args: argparse.Namespace) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """``serve`` runs on uvloop unless ``[smtp] event_loop = "asyncio"``; commands on the stdlib loop."""
     if args.fn is not cmd_serve or settings.smtp.event_loop != "uvloop":
         return None

@@ -16,9 +16,10 @@ import secrets
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,12 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
 from . import log, mx, spool
-from .spool import Spooled
 from .dkim import DkimSigner, body_hash_relaxed
 from .headers import split_message
 from .notify import Failure, may_notify, notice_rows
 from .queue import Claimed, Enqueuer, claim, record_attempt, record_error, release_dead_leases
 from .retry import backoff, delay_notice_due, enhanced_status, expired
+from .spool import Spooled
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Result:
     failed: dict[str, str] = field(default_factory=dict)      # address -> reply text
     deferred: dict[str, str] = field(default_factory=dict)
 
-    def merge(self, other: "Result") -> None:
+    def merge(self, other: Result) -> None:
         self.delivered += other.delivered
         self.failed.update(other.failed)
         self.deferred.update(other.deferred)
@@ -275,7 +276,7 @@ class SmarthostTarget:
                 try:
                     await candidate.rset()          # still alive and in a clean state?
                     client = candidate
-                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                except (TimeoutError, aiosmtplib.SMTPException, OSError):
                     candidate.close()
             if client is None:
                 client = await self._connect()
@@ -288,7 +289,7 @@ class SmarthostTarget:
                 result = await smtp_send(client, envelope_from, recipients, body)
         except _Temporary as exc:
             return Result(deferred={r: str(exc) for r in recipients})
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             if client is not None:
                 client.close()
             return Result(deferred={r: f"451 4.4.1 connection to the smarthost failed: {type(exc).__name__}"
@@ -304,7 +305,7 @@ class SmarthostTarget:
             _, client = self._idle.pop()
             try:
                 await client.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 client.close()
 
 
@@ -357,10 +358,10 @@ class MxTarget:
                     result = await smtp_send(client, envelope_from, rcpts, body)
                     try:
                         await client.quit()
-                    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    except (TimeoutError, aiosmtplib.SMTPException, OSError):
                         client.close()
                     return result
-                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                     client.close()
                     last = f"451 4.4.1 connection to a mail server of the recipient domain failed: {type(exc).__name__}"
         return Result(deferred={r: last for r in rcpts})
@@ -447,7 +448,7 @@ class Deliverer:
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), self.settings.delivery.poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _finished(self, task: asyncio.Task[None]) -> None:

@@ -165,7 +165,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
                 await _log_refusal(relay, tx, rcpt, verdict.decision, **verdict.log_fields)
                 return Outcome(verdict.decision, log={"alias": rcpt.address, **_ids(rcpt), **verdict.log_fields})
             verdicts.append(verdict)
-        for rcpt, verdict in zip(aliased, verdicts):
+        for rcpt, verdict in zip(aliased, verdicts, strict=True):
             qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
                                        original_ids[0] if original_ids else None, thread_ids,
                                        auth_results=auth_results, upstream_delay=upstream, **verdict.log_fields)
@@ -198,7 +198,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
             for item in acc.items:                 # not queued: its spool file is nobody's
                 spool.remove(relay.settings.state_dir, item.spool_path)
             raise
-        for rcpt, verdict in zip(aliased, verdicts):
+        for rcpt, verdict in zip(aliased, verdicts, strict=True):
             if verdict.proactive and rcpt.ref is not None:
                 relay.store.note_proactive(rcpt.ref.seller_id, now)
     return Outcome(ACCEPT, queue_ids, first_log)
@@ -332,7 +332,8 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
         message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
-        extra=([("Authentication-Results", auth_results)] if auth_results else []) + [(LOOP_HEADER, loop_marker(relay))],
+        extra=([("Authentication-Results", auth_results)] if auth_results else [])
+        + [(LOOP_HEADER, loop_marker(relay))],
         date_if_missing=_rfc5322_date(now))
     spool_path = None
     q = settings.queue

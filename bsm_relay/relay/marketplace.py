@@ -12,15 +12,14 @@ with the contact reason and the order already known.
 
 from __future__ import annotations
 
-import re
 import email.policy
-from email.errors import HeaderParseError, MessageError
-from email.header import Header as EmailHeader
-from email.header import decode_header, make_header
-
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.errors import HeaderParseError, MessageError
+from email.header import Header as EmailHeader
+from email.header import decode_header, make_header
 from types import MappingProxyType
 from typing import Any
 
@@ -234,7 +233,9 @@ def _decode_lenient(value: str) -> tuple[str, bool]:
 
 def _encode_header(text: str) -> str:
     # Text that looks like an encoded word is encoded too, so a reader shows it as it is.
-    return text if text.isascii() and "=?" not in text else EmailHeader(text, "utf-8").encode(maxlinelen=900).replace("\n", "")
+    if text.isascii() and "=?" not in text:
+        return text
+    return EmailHeader(text, "utf-8").encode(maxlinelen=900).replace("\n", "")
 
 
 async def _thread_started_by(store: Any, seller_id: int, buyer_id: int, ids: Sequence[str]) -> int | None:

@@ -10,9 +10,9 @@ that carry it (``MAIL FROM:<>``, kind ``notice``).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
 from .bounce import FailedRecipient, build_dsn
 from .headers import split_message
@@ -49,16 +49,16 @@ def notice_rows(*, hostname: str, alias_domain: str, origin_sender: str, origina
         local = address.rpartition("@")[0]
         if len(local) >= 3:
             scrub.setdefault(local, "[address removed]")
-    until = datetime.fromtimestamp(retry_until, timezone.utc) if retry_until else None
+    until = datetime.fromtimestamp(retry_until, UTC) if retry_until else None
     dsn = build_dsn(
         reporting_mta=hostname, postmaster_from=f"mailer-daemon@{alias_domain}", to=origin_sender,
         original_headers=header_block,
         recipients=[FailedRecipient(f.alias, f.status, f.action, f.diagnostic,
                                     will_retry_until=until if f.action == "delayed" else None)
                     for f in failures],
-        arrival=datetime.fromtimestamp(created_at, timezone.utc), scrub=scrub,
+        arrival=datetime.fromtimestamp(created_at, UTC), scrub=scrub,
         message_id=f"{secrets.token_hex(16)}@{alias_domain}",
-        now=datetime.fromtimestamp(now, timezone.utc))
+        now=datetime.fromtimestamp(now, UTC))
     qid = new_queue_id()
     item = QueueItem(id=qid, kind="notice", envelope_from="", origin_sender=None, body=dsn, size=len(dsn),
                      created_at=now, next_attempt_at=now, attempts=0, status="queued", errors=0,

@@ -156,7 +156,7 @@ class Enqueuer:
                     except Exception as one:
                         _fail(fut, one)
                         results.append(_FAILED)
-            for (_, fut), result in zip(batch, results):
+            for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done() and result is not _FAILED:
                     fut.set_result(result)
             if any(isinstance(entry, Accepted) and entry.items for entry, _ in batch):
@@ -428,7 +428,8 @@ async def add_notice(db: async_sessionmaker[AsyncSession] | Enqueuer, notice: Qu
     await _transact(db, unit)
 
 
-async def get_item(sessions: async_sessionmaker[AsyncSession], queue_id: str) -> tuple[QueueItem, list[QueueRecipient]] | None:
+async def get_item(sessions: async_sessionmaker[AsyncSession],
+                   queue_id: str) -> tuple[QueueItem, list[QueueRecipient]] | None:
     async with sessions() as s:
         item = await s.get(QueueItem, queue_id)
         if item is None:
@@ -492,5 +493,6 @@ async def purge_done(sessions: async_sessionmaker[AsyncSession], older_than: flo
         return res.rowcount or 0
 
 
-__all__ = ["Accepted", "Claimed", "Delivered", "release_dead_leases", "Enqueuer", "StorageError", "claim", "record_attempt", "record_error",
-           "add_notice", "get_item", "admin", "list_items", "new_queue_id", "purge_done"]
+__all__ = ["Accepted", "Claimed", "Delivered", "release_dead_leases", "Enqueuer", "StorageError", "claim",
+           "record_attempt", "record_error", "add_notice", "get_item", "admin", "list_items", "new_queue_id",
+           "purge_done"]

@@ -31,9 +31,9 @@ from .context import Relay
 from .delivery import Deliverer, make_target
 from .dkim import DkimSigner
 from .dns import make_resolver
+from .factcache import FactsCache
 from .queue import Enqueuer
 from .smtpd import Gate, protocol_factory
-from .factcache import FactsCache
 from .store import Store
 from .verp import BounceAddressCodec
 
@@ -60,7 +60,8 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
         await engine.dispose()
         raise StartupError("no DNS resolver: the system has none configured; set [dns] nameservers") from None
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
-                 store=Store(sessions, FactsCache(engine)), enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url)), redactor=redactor,
+                 store=Store(sessions, FactsCache(engine)),
+                 enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url)), redactor=redactor,
                  bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
                  resolver=resolver)
 

@@ -123,7 +123,8 @@ class Store:
 
         async def unit(s: AsyncSession) -> None:
             now = time.time()
-            updated = await s.execute(_COUNT_ATTEMPT, {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
+            updated = await s.execute(_COUNT_ATTEMPT,
+                                      {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
             if updated.rowcount == 0:
                 await s.execute(_SENDERS.insert(), {"seller_id": seller_id, "address": address, "status": "pending",
                                                     "first_seen": now, "last_seen": now, "attempts": 1,
@@ -357,9 +358,9 @@ class Store:
         """Everything the marketplace rules read about a pair: this runs for every message.
 
         Addresses, the pair's orders and the seller's recent orders come from the facts cache
-        when the relay serves; the day's proactive count is read every time.  The seller's proactive messages of the day are counted only up to the cap plus one
-        (``cap_for(orders in the window)``): that is all the rule needs, and it keeps the cost of
-        the count bounded for a busy seller instead of growing with every message of the day."""
+        when the relay serves; the day's proactive count from :meth:`_proactive_today`.  That count
+        goes only up to the cap plus one (``cap_for(orders in the window)``): all the rule needs,
+        and its cost stays bounded for a busy seller."""
         async def addresses() -> list[str]:
             async with self.sessions() as s:
                 return [r[0] for r in await s.execute(

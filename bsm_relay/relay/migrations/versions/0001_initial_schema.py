@@ -4,9 +4,8 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-27 03:27:35.667180
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -15,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('buyers',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('ext_id', sa.String(length=128), nullable=False),
@@ -135,11 +134,11 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('seller_id', 'address')
     )
-    
+
 
 
 def downgrade() -> None:
-    
+
     op.drop_table('seller_addresses')
     with op.batch_alter_table('queue_recipients', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_queue_recipients_queue_id'))
@@ -165,4 +164,4 @@ def downgrade() -> None:
 
     op.drop_table('message_log')
     op.drop_table('buyers')
-    
+
