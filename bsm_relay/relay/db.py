@@ -17,8 +17,8 @@ import asyncio
 import fcntl
 import os
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -179,7 +179,50 @@ def write_lock(url: str) -> Callable[[], AbstractAsyncContextManager[None]] | No
             yield
         finally:
             fcntl.flock(fd[0], fcntl.LOCK_UN)
+
+    @contextmanager
+    def locked_here() -> Iterator[None]:      # the same lock, taken in a writer thread
+        if not fd:
+            fd.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        fcntl.flock(fd[0], fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd[0], fcntl.LOCK_UN)
+    locked.sync = locked_here  # type: ignore[attr-defined]
     return locked
+
+
+def make_sync_writer_engine(url: str) -> Engine | None:
+    """For a SQLite file, a plain (thread) engine the serving process's writer commits its groups
+    with, in one hand-off to a thread per group instead of one per statement (every statement
+    through aiosqlite is a thread hop and an event-loop wake-up, and under load each wake-up
+    waits behind the sessions' work).  PostgreSQL: None (asyncpg is the only driver)."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+        return None
+    busy = float(str(parsed.query.get("timeout", "30")))
+    engine = create_engine(parsed.set(drivername="sqlite").difference_update_query(["timeout"]),
+                           connect_args={"timeout": busy, "check_same_thread": False},
+                           pool_size=1, max_overflow=2)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        try:
+            _refuse_read_only(cur)
+        finally:
+            cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
+            cur.close()
+
+    @event.listens_for(engine, "handle_error")
+    def _broken_files(ctx):  # type: ignore[no-untyped-def]
+        if _sqlite_code(ctx.original_exception) in _FILE_TROUBLE:
+            ctx.is_disconnect = True
+    return engine
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]

@@ -17,12 +17,12 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -76,7 +76,22 @@ class Delivered:
     event: dict[str, Any]
 
 
-Entry = Accepted | Delivered | Unit
+@dataclass(frozen=True)
+class Claim:
+    """A delivery claim: lease up to ``limit`` due items to ``owner`` (see :func:`claim`)."""
+
+    owner: str
+    limit: int
+    lease: float
+    now: float
+
+
+Entry = Accepted | Delivered | Claim | Unit
+
+
+def _rowish(entry: Entry) -> bool:
+    """Plain row work, done with Core statements alone (no ORM session, no async unit)."""
+    return isinstance(entry, (Delivered, Claim)) or (isinstance(entry, Accepted) and not entry.after)
 
 
 class Enqueuer:
@@ -94,10 +109,13 @@ class Enqueuer:
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64,
-                 write_lock: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
+                 write_lock: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+                 sync_engine: Engine | None = None) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
         self._write_lock = write_lock or _no_lock
+        # SQLite: plain row work (most of it) is committed in one hand-off to a thread per group.
+        self._sync_engine = sync_engine
         self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
@@ -113,6 +131,8 @@ class Enqueuer:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
 
     async def commit(self, accepted: Accepted | Delivered) -> None:
         """Returns once the rows are durably committed; raises if they are not."""
@@ -142,52 +162,83 @@ class Enqueuer:
             batch = [await self._pending.get()]
             while len(batch) < self._max_batch and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
-            try:
-                results = await self._write([entry for entry, _ in batch])
-            except Exception as exc:
-                if len(batch) == 1 or _storage_trouble(exc):
-                    for _, fut in batch:
-                        _fail(fut, exc)
-                    continue
-                results = []
-                for entry, fut in batch:          # one at a time: only the broken entry fails
-                    try:
-                        results.append((await self._write([entry]))[0])
-                    except Exception as one:
-                        _fail(fut, one)
-                        results.append(_FAILED)
-            for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done() and result is not _FAILED:
-                    fut.set_result(result)
+            if self._sync_engine is not None:
+                rows = [(e, f) for e, f in batch if _rowish(e)]
+                rest = [(e, f) for e, f in batch if not _rowish(e)]
+                if rows:
+                    await self._commit(rows, self._write_in_thread)
+                if rest:
+                    await self._commit(rest, self._write)
+            else:
+                await self._commit(batch, self._write)
             if any(isinstance(entry, Accepted) and entry.items for entry, _ in batch):
                 self.wakeup.set()         # new queue items: delivery has work
 
+    async def _commit(self, batch: list[tuple[Entry, asyncio.Future[Any]]],
+                      write: Callable[[list[Entry]], Awaitable[list[Any]]]) -> None:
+        """One group in one transaction; on failure each entry alone, unless the storage failed."""
+        try:
+            results = await write([entry for entry, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1 or _storage_trouble(exc):
+                for _, fut in batch:
+                    _fail(fut, exc)
+                return
+            results = []
+            for entry, fut in batch:          # one at a time: only the broken entry fails
+                try:
+                    results.append((await write([entry]))[0])
+                except Exception as one:
+                    _fail(fut, one)
+                    results.append(_FAILED)
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done() and result is not _FAILED:
+                fut.set_result(result)
+
+    async def _write_in_thread(self, entries: list[Entry]) -> list[Any]:
+        return await asyncio.to_thread(self._write_sync, entries)
+
+    def _write_sync(self, entries: list[Entry]) -> list[Any]:
+        assert self._sync_engine is not None
+        lock = getattr(self._write_lock, "sync", None)
+        with lock() if lock is not None else nullcontext():
+            with self._sync_engine.begin() as conn:
+                return _apply_rows(conn, entries)
+
     async def _write(self, entries: list[Entry]) -> list[Any]:
-        # Plain INSERTs, one executemany per table and set of columns: the ORM's unit of work
-        # costs more than the database here.  Queue items first (recipients refer to them).
-        rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
-        for entry in entries:
-            if isinstance(entry, Accepted):
-                for obj in (*entry.items, *entry.recipients, *entry.extra):
-                    values = _values(obj)
-                    rows.setdefault((type(obj).__table__, frozenset(values)), []).append(values)
+        rows = [e for e in entries if not callable(e)]
         results: list[Any] = []
         async with self._write_lock():
             async with self._sessions.begin() as s:
-                for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
-                    await s.execute(key[0].insert(), rows[key])
-                done = [e for e in entries if isinstance(e, Delivered)]
-                if done:
-                    await s.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
-                    await s.execute(_ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
-                                                  "b_body": d.header_block} for d in done])
-                    await s.execute(_EVENTS.insert(), [d.event for d in done])
+                done = iter(await s.run_sync(lambda sync: _apply_rows(sync.connection(), rows)) if rows else [])
                 for entry in entries:
                     if isinstance(entry, Accepted):
                         for unit in entry.after:
                             await unit(s)
-                    results.append(None if isinstance(entry, (Accepted, Delivered)) else await entry(s))
+                    results.append(next(done) if not callable(entry) else await entry(s))
         return results
+
+
+def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
+    """The row work of a group on one connection (sync; the async path runs it through
+    ``run_sync``): each Accepted's INSERTs, one ``executemany`` per table and set of columns (the
+    ORM's unit of work costs more than the database here; queue items first, recipients refer
+    to them), Delivered outcomes in bulk, then each Claim.  One result per entry."""
+    rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
+    for entry in entries:
+        if isinstance(entry, Accepted):
+            for obj in (*entry.items, *entry.recipients, *entry.extra):
+                values = _values(obj)
+                rows.setdefault((type(obj).__table__, frozenset(values)), []).append(values)
+    for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
+        conn.execute(key[0].insert(), rows[key])
+    done = [e for e in entries if isinstance(e, Delivered)]
+    if done:
+        conn.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
+        conn.execute(_ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
+                                   "b_body": d.header_block} for d in done])
+        conn.execute(_EVENTS.insert(), [d.event for d in done])
+    return [_claim_rows(conn, e) if isinstance(e, Claim) else None for e in entries]
 
 
 _FAILED = object()
@@ -247,34 +298,38 @@ def _due(now: float, limit: int) -> Select[Any]:
 
 async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, limit: int,
                 lease: float, now: float | None = None) -> list[Claimed]:
-    now = time.time() if now is None else now
-    if isinstance(db, Enqueuer) and not await db.any_row(_due(now, 1)):
-        return []        # nothing due: no write transaction (delivery asks after every commit)
+    work = Claim(owner, limit, lease, time.time() if now is None else now)
+    if isinstance(db, Enqueuer):
+        if not await db.any_row(_due(work.now, 1)):
+            return []        # nothing due: no write transaction (delivery asks after every commit)
+        return await db._submit(work)  # type: ignore[no-any-return]
+    async with db.begin() as s:
+        return await s.run_sync(lambda sync: _claim_rows(sync.connection(), work))  # type: ignore[no-any-return]
 
-    async def unit(s: AsyncSession) -> list[Claimed]:
-        q = _QUEUE.c
-        due = _due(now, limit)
-        if s.bind.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        ids = list((await s.execute(
-            _QUEUE.update().where(q.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_until=now + lease)
-            .returning(q.id))).scalars())
-        if not ids:
-            return []
-        items = (await s.execute(select(q.id, q.kind, q.envelope_from, q.origin_sender, q.body, q.attempts,
-                                        q.created_at, q.delay_notified, q.session_id, q.spool_path)
-                                 .where(q.id.in_(ids)))).all()
-        r = _RCPTS.c
-        rcpts = (await s.execute(select(r.id, r.queue_id, r.address, r.alias).where(
-            r.queue_id.in_(ids), r.status == "pending"))).all()
-        by_item: dict[str, list[tuple[int, str, str]]] = {}
-        for rid, qid, address, alias in rcpts:
-            by_item.setdefault(qid, []).append((rid, address, alias))
-        return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                        tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path)
-                for i in items]
-    return await _transact(db, unit)  # type: ignore[no-any-return]
+
+def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
+    q = _QUEUE.c
+    due = _due(work.now, work.limit)
+    if conn.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    ids = list(conn.execute(
+        _QUEUE.update().where(q.id.in_(due.scalar_subquery()))
+        .values(lease_owner=work.owner, lease_until=work.now + work.lease)
+        .returning(q.id)).scalars())
+    if not ids:
+        return []
+    items = conn.execute(select(q.id, q.kind, q.envelope_from, q.origin_sender, q.body, q.attempts,
+                                q.created_at, q.delay_notified, q.session_id, q.spool_path)
+                         .where(q.id.in_(ids))).all()
+    r = _RCPTS.c
+    rcpts = conn.execute(select(r.id, r.queue_id, r.address, r.alias).where(
+        r.queue_id.in_(ids), r.status == "pending")).all()
+    by_item: dict[str, list[tuple[int, str, str]]] = {}
+    for rid, qid, address, alias in rcpts:
+        by_item.setdefault(qid, []).append((rid, address, alias))
+    return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
+                    tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path)
+            for i in items]
 
 
 async def release_dead_leases(db: async_sessionmaker[AsyncSession] | Enqueuer, host: str,

@@ -61,7 +61,9 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
         raise StartupError("no DNS resolver: the system has none configured; set [dns] nameservers") from None
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
                  store=Store(sessions, FactsCache(engine)),
-                 enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url)), redactor=redactor,
+                 enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url),
+                                  sync_engine=db.make_sync_writer_engine(settings.database_url)),
+                 redactor=redactor,
                  bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
                  resolver=resolver)
 
