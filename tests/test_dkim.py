@@ -257,5 +257,9 @@ def test_the_streamed_body_hash_equals_the_whole_body_hash(parts, chunk):
     import io
 
     from bsm_relay.relay.dkim import body_hash_relaxed, canonicalize_body_relaxed
+    from bsm_relay.relay.spool import line_pieces
     body = b"".join(parts)
-    assert body_hash_relaxed(io.BytesIO(body).read, chunk) == hashlib.sha256(canonicalize_body_relaxed(body)).digest()
+    pieces = list(line_pieces(io.BytesIO(body).read, chunk))
+    assert b"".join(pieces) == body
+    assert all(p.endswith(b"\r\n") for p in pieces[:-1])
+    assert body_hash_relaxed(pieces) == hashlib.sha256(canonicalize_body_relaxed(body)).digest()

@@ -77,26 +77,7 @@ def make_engine(url: str) -> AsyncEngine:
         # each) under load, so the pool keeps as many as the relay's concurrency needs.
         engine = create_async_engine(parsed_url.difference_update_query(["timeout"]),
                                      connect_args={"timeout": busy}, pool_size=20, max_overflow=20)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            try:
-                _refuse_read_only(cur)
-            finally:
-                cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
-                cur.close()
-
-        @event.listens_for(engine.sync_engine, "handle_error")
-        def _broken_files(ctx):  # type: ignore[no-untyped-def]
-            # Read-only, I/O error, cannot open: the files were in trouble when this connection
-            # used them; throw the pool's connections away rather than keep a crippled one.
-            if _sqlite_code(ctx.original_exception) in _FILE_TROUBLE:
-                ctx.is_disconnect = True
-
+        _sqlite_setup(engine.sync_engine, busy)
         return engine
     parsed, schema = split_schema(url)
     connect_args: dict[str, Any] = {}
@@ -205,6 +186,13 @@ def make_sync_writer_engine(url: str) -> Engine | None:
     engine = create_engine(parsed.set(drivername="sqlite").difference_update_query(["timeout"]),
                            connect_args={"timeout": busy, "check_same_thread": False},
                            pool_size=1, max_overflow=2)
+    _sqlite_setup(engine, busy)
+    return engine
+
+
+def _sqlite_setup(engine: Engine, busy: float) -> None:
+    """Every SQLite connection of the relay: WAL, ``synchronous=FULL`` (a committed row is on disk
+    before the 250), foreign keys, the busy timeout, and never a read-only one in the pool."""
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -220,9 +208,10 @@ def make_sync_writer_engine(url: str) -> Engine | None:
 
     @event.listens_for(engine, "handle_error")
     def _broken_files(ctx):  # type: ignore[no-untyped-def]
+        # Read-only, I/O error, cannot open: the files were in trouble when this connection
+        # used them; throw the pool's connections away rather than keep a crippled one.
         if _sqlite_code(ctx.original_exception) in _FILE_TROUBLE:
             ctx.is_disconnect = True
-    return engine
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[type-arg]

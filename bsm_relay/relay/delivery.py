@@ -463,13 +463,9 @@ class Deliverer:
         head = item.body                           # the header block and its blank line
         if self.signer is None:
             return Spooled(head, path, len(head))
-
-        def body_hash() -> bytes:
-            with open(path, "rb") as fh:
-                fh.seek(len(head))
-                return body_hash_relaxed(fh.read)
-        signature = self.signer.sign_hashed(head[:-2], await asyncio.to_thread(body_hash))
-        return Spooled(signature + head, path, len(head))
+        unsigned = Spooled(head, path, len(head))
+        body_hash = await asyncio.to_thread(lambda: body_hash_relaxed(unsigned.body_pieces()))
+        return Spooled(self.signer.sign_hashed(head[:-2], body_hash) + head, path, len(head))
 
     def sign(self, body: bytes) -> bytes:
         if self.signer is None:

@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -113,45 +113,33 @@ def _relax_whitespace(body: bytes) -> bytes:
     return body
 
 
-def body_hash_relaxed(read: Callable[[int], bytes], chunk: int = 1 << 20) -> bytes:
-    """SHA-256 of the relaxed canonical body, read piece by piece from ``read(n)`` (a file's
-    ``read``): a spooled 25 MB body is hashed holding about ``chunk`` bytes, never all of it.
+def body_hash_relaxed(pieces: Iterable[bytes]) -> bytes:
+    """SHA-256 of the relaxed canonical body, given in pieces of whole lines (only the last may
+    lack its CRLF; ``spool.Spooled.body_pieces`` cuts them): a spooled 25 MB body is hashed
+    holding one piece, never all of it.
 
-    Pieces are cut after a CRLF, so every piece holds whole lines and the whitespace rules
-    apply to each alone; a run of empty lines at a piece's end is held back until a line with
-    content follows (empty lines at the end of the body are not part of it).
+    The whitespace rules apply to each piece alone (no WSP run crosses a CRLF); a run of empty
+    lines at a piece's end is held back until a line with content follows (empty lines at the
+    end of the body are not part of it).
     """
     digest = hashlib.sha256()
     held = 0              # empty lines seen but not yet hashed
-    rest = b""
-    while True:
-        data = read(chunk)
-        piece = rest + data
-        if data:
-            cut = piece.rfind(b"\r\n")
-            if cut < 0:                       # one long line: read on to its end
-                rest = piece
-                continue
-            piece, rest = piece[:cut + 2], piece[cut + 2:]
-        elif not piece:
-            break
-        else:
-            rest = b""
-            if not piece.endswith(b"\r\n"):     # the last line, as the receiver will see it
-                piece += b"\r\n"
+    for piece in pieces:
+        if not piece:
+            continue
+        if not piece.endswith(b"\r\n"):      # the last line, as the receiver will see it
+            piece += b"\r\n"
         relaxed = _relax_whitespace(piece)
         content = len(relaxed)
         while content >= 2 and relaxed[content - 2:content] == b"\r\n":
             content -= 2
         trailing = (len(relaxed) - content) // 2
-        if content == 0:                      # whole pieces of empty lines (each starts a line)
+        if content == 0:                      # a piece of empty lines only (each starts a line)
             held += trailing
         else:
             digest.update(b"\r\n" * held)
             digest.update(relaxed[:content + 2])
             held = trailing - 1
-        if not data:
-            break
     return digest.digest()
 
 

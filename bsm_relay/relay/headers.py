@@ -30,6 +30,7 @@ __all__ = [
     "parse_msg_ids",
     "received_count",
     "split_message",
+    "split_offsets",
 ]
 
 
@@ -69,12 +70,17 @@ class Mailbox(NamedTuple):
 
 def split_message(raw: bytes) -> tuple[bytes, bytes]:
     """Split at the first empty line: (header block with its last CRLF, body)."""
+    block_end, body_start = split_offsets(raw)
+    return raw[:block_end], raw[body_start:]
+
+
+def split_offsets(raw: bytes) -> tuple[int, int]:
+    """:func:`split_message` as offsets: where the header block ends (with its last CRLF) and
+    where the body begins, so that a large body need not be copied out of the message."""
     if raw.startswith(b"\r\n"):
-        return b"", raw[2:]
+        return 0, 2
     end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return raw, b""
-    return raw[: end + 2], raw[end + 4:]
+    return (len(raw), len(raw)) if end < 0 else (end + 2, end + 4)
 
 
 # RFC 5322 ftext: printable US-ASCII except ":".  Whitespace before the colon (the

@@ -34,10 +34,11 @@ from .headers import (
     parse_headers,
     parse_msg_ids,
     received_count,
+    split_offsets,
 )
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
 from .queue import Accepted, new_queue_id
-from .rewrite import RewritePlan, format_received, render, render_head, split_offsets
+from .rewrite import RewritePlan, format_received, render, render_head
 from .store import BuyerRow, SellerRow
 
 MAX_HOPS = 50

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import format_datetime
 
-from .headers import Header, parse_headers, split_message
+from .headers import Header, parse_headers, split_message, split_offsets
 
 __all__ = ["KEEP", "RewritePlan", "format_received", "render", "rewrite_headers"]
 
@@ -135,15 +135,6 @@ def render_head(raw: bytes, plan: RewritePlan) -> tuple[bytes, int]:
     block with its blank line, and where the untouched body begins in ``raw``."""
     block_end, start = split_offsets(raw)
     return rewrite_headers(parse_headers(raw[:block_end]), plan) + b"\r\n", start
-
-
-def split_offsets(raw: bytes) -> tuple[int, int]:
-    """``split_message`` as offsets: where the header block ends (with its last CRLF) and where
-    the body begins, so a large body need not be copied out of the message."""
-    if raw.startswith(b"\r\n"):
-        return 0, 2
-    end = raw.find(b"\r\n\r\n")
-    return (len(raw), len(raw)) if end < 0 else (end + 2, end + 4)
 
 
 def format_received(hostname: str, queue_id: str, when: datetime, protocol: str = "ESMTP") -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,25 @@ def remove(state_dir: Path, relative: str | None) -> None:
             pass
 
 
+def line_pieces(read: Callable[[int], bytes], chunk: int = CHUNK) -> Iterator[bytes]:
+    """What ``read(chunk)`` returns, cut after the last CRLF of each read (the rest goes with the
+    next piece): every piece holds whole lines, only the last may lack its CRLF."""
+    rest = b""
+    while True:
+        data = read(chunk)
+        if not data:
+            if rest:
+                yield rest
+            return
+        piece = rest + data
+        cut = piece.rfind(b"\r\n")
+        if cut < 0:                           # one long line: read on to its end
+            rest = piece
+            continue
+        rest = piece[cut + 2:]
+        yield piece[:cut + 2]
+
+
 @dataclass(frozen=True)
 class Spooled:
     """A message to send from a spool file: ``prefix`` (the DKIM signature and the header block
@@ -96,23 +115,10 @@ class Spooled:
         """The body in pieces that end after a CRLF (whole lines; a longer line is read whole)."""
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
-            rest = b""
-            while True:
-                data = fh.read(chunk)
-                if not data:
-                    if rest:
-                        yield rest
-                    return
-                piece = rest + data
-                cut = piece.rfind(b"\r\n")
-                if cut < 0:
-                    rest = piece
-                    continue
-                rest = piece[cut + 2:]
-                yield piece[:cut + 2]
+            yield from line_pieces(fh.read, chunk)
 
     def isascii(self) -> bool:
         return self.prefix.isascii() and all(piece.isascii() for piece in self.body_pieces())
 
 
-__all__ = ["CHUNK", "Spooled", "enabled", "host_prefix", "path_of", "remove", "write"]
+__all__ = ["CHUNK", "Spooled", "enabled", "host_prefix", "line_pieces", "path_of", "remove", "write"]

@@ -112,13 +112,9 @@ class Store:
             return SenderStatus(status) if status else SenderStatus.UNKNOWN
         return await self._cached(("status", seller.id, address.lower()), load)
 
-    async def record_attempt(self, seller_id: int, address: str) -> None:
-        """An unapproved address tried to send: record it as pending (or count the try)."""
-        async with self.sessions.begin() as s:
-            await self.attempt_recorder(seller_id, address)(s)
-
     def attempt_recorder(self, seller_id: int, address: str) -> Callable[[AsyncSession], Awaitable[None]]:
-        """:meth:`record_attempt` as work for a transaction someone else runs (the relay's writer)."""
+        """An unapproved address tried to send: record it as pending (or count the try), as work
+        for a transaction someone else runs (the relay's writer, with the refusal's log row)."""
         address = normalize_address(address)
 
         async def unit(s: AsyncSession) -> None:
