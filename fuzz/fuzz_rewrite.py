@@ -44,14 +44,16 @@ if atheris is not None:
         from bsm_relay.relay import mime
         from bsm_relay.relay.headers import (AmbiguousFrom, MalformedHeader, parse_from, parse_headers,
                                              parse_msg_ids, split_message)
-        from bsm_relay.relay.marketplace import _encode_header, _mask_parties
+        from bsm_relay.relay.marketplace import _encode_header
+        from bsm_relay.policy.content import mask_subject as _mask_parties
         from bsm_relay.relay.rewrite import _ADDRESS, _MSG_ID, RewritePlan, render
 else:
     from bsm_relay.policy import content as content_rules
     from bsm_relay.relay import mime
     from bsm_relay.relay.headers import (AmbiguousFrom, MalformedHeader, parse_from, parse_headers,
                                          parse_msg_ids, split_message)
-    from bsm_relay.relay.marketplace import _encode_header, _mask_parties
+    from bsm_relay.relay.marketplace import _encode_header
+    from bsm_relay.policy.content import mask_subject as _mask_parties
     from bsm_relay.relay.rewrite import _ADDRESS, _MSG_ID, RewritePlan, render
 
 SELLER = "jane.seller@acme-shop.example"
@@ -101,7 +103,7 @@ def check_rendered(out: bytes, body: bytes) -> None:
             assert not _leaks(str(value)), f"real address in {name}"
 
 
-# FINDING 1, FIXED (fuzz/README.md, tests/test_fuzz_regressions.py): marketplace._mask_parties
+# FINDING 1, FIXED (fuzz/README.md, tests/test_fuzz_regressions.py): policy.content.mask_subject (was marketplace._mask_parties)
 # failed open.  It reads the Subject with decode_header/make_header only, and when that raises --
 # an encoded word in an unknown charset ("=?ut-8?b?...?="), 8-bit text beside an encoded word --
 # it passes the Subject on unmasked, while the modern parser and mail clients decode the word

@@ -138,14 +138,14 @@ def _word(charset: str, text: str) -> str:
     _word("utf-8", "hi " + BUYER) + "om: caf\u00e9",    # 8-bit text beside the word (Latin-1 read by headers.py)
 ])
 def test_the_subject_is_masked_however_it_is_encoded(subject: str) -> None:
-    from bsm_relay.relay.marketplace import _mask_parties
+    from bsm_relay.policy.content import mask_subject as _mask_parties
     shown = str(email.message_from_string(f"Subject: {_mask_parties(subject, PARTIES)}\n\n",
                                           policy=email.policy.default)["Subject"])
     assert BUYER not in shown.lower()
 
 
 def test_a_non_ascii_charset_name_in_the_subject_does_not_raise() -> None:
-    from bsm_relay.relay.marketplace import _mask_parties
+    from bsm_relay.policy.content import mask_subject as _mask_parties
     _mask_parties("=?utf\u00ef8?q?hi?=", PARTIES)
 
 
@@ -154,7 +154,8 @@ def test_a_non_ascii_charset_name_in_the_subject_does_not_raise() -> None:
     "=?utf-8?q?hi_" + BUYER.replace("@", "=40") + "=0D=0ABcc:_x?=",           # CR LF inside an encoded word
 ])
 def test_a_subject_only_a_lenient_reader_decodes_leaves_masked_and_in_one_line(subject: str) -> None:
-    from bsm_relay.relay.marketplace import _encode_header, _mask_parties
+    from bsm_relay.policy.content import mask_subject as _mask_parties
+    from bsm_relay.relay.marketplace import _encode_header
     out = _encode_header(_mask_parties(subject, PARTIES))
     assert "\r" not in out and "\n" not in out
     for policy in (email.policy.default, email.policy.compat32):

@@ -12,14 +12,11 @@ with the contact reason and the order already known.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.errors import HeaderParseError, MessageError
 from email.header import Header as EmailHeader
-from email.header import decode_header, make_header
 from types import MappingProxyType
 from typing import Any
 
@@ -173,7 +170,7 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
 
     rewritten = mime.rewrite_texts(parsed, masked)
     fields = dict(rewritten.headers or {}) if rewritten.changed else {}
-    safe_subject = _mask_parties(subject, parties.all())
+    safe_subject = content_rules.mask_subject(subject, parties.all())
     if safe_subject != subject:
         # The Subject passes through the rewrite: the two parties' real addresses never do.
         fields["Subject"] = _encode_header(safe_subject)
@@ -182,53 +179,6 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
         block = mime.replace_header_lines(header_block, fields) if fields else header_block
         content = block + b"\r\n" + (rewritten.body if rewritten.changed else body[body_start:])
     return PolicyOutcome(assessment.decision, content, order_id, contact_reason, proactive)
-
-
-def _mask_parties(text: str, addresses: tuple[str, ...]) -> str:
-    """The Subject with the parties' addresses replaced, as any reader could decode it.
-
-    Mail clients decode leniently (an unknown charset, 8-bit text beside an encoded word, junk
-    inside one): the address is looked for in what the stdlib's strict decoder and its lenient
-    one (``email.policy.default``) show, also with the non-ASCII bytes left out.  When any
-    reading shows one, or the lenient decoder reports a defect, the Subject leaves as the
-    lenient reading, masked and encoded again by us: the reader then sees exactly that text,
-    whatever its decoder would have made of the original (fail closed).
-    """
-    wanted = [a.lower() for a in addresses if a]
-    if text.isascii() and "=?" not in text:       # no encoded word: every reader sees the text
-        if not any(a in text.lower() for a in wanted):
-            return text
-        return _CONTROL.sub(" ", re.sub("|".join(map(re.escape, wanted)), "[email removed]", text,
-                                        flags=re.IGNORECASE))
-    lenient, defective = _decode_lenient(text)
-    readings = (lenient, _decode_lenient(_ASCII_ONLY.sub("", text))[0], _decode_header(text), text)
-    shown = next((r for r in readings if any(a in r.lower() for a in wanted)), None)
-    if shown is None and not defective:
-        return text
-    out = _CONTROL.sub(" ", shown if shown is not None else lenient)
-    for address in wanted:
-        out = re.sub(re.escape(address), "[email removed]", out, flags=re.IGNORECASE)
-    return out
-
-
-_ASCII_ONLY = re.compile(r"[^\x20-\x7e]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _decode_header(value: str) -> str:
-    try:
-        return str(make_header(decode_header(value)))
-    except (HeaderParseError, LookupError, ValueError, MessageError):
-        return value
-
-
-def _decode_lenient(value: str) -> tuple[str, bool]:
-    """The Subject as ``email.policy.default`` reads it, and whether it found defects."""
-    try:
-        header = email.policy.default.header_factory("Subject", value)
-        return str(header), bool(header.defects)
-    except Exception:  # noqa: BLE001 - whatever the parser trips on, the raw text is the reading
-        return value, True
 
 
 def _encode_header(text: str) -> str:
