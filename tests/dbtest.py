@@ -128,6 +128,15 @@ class TestDatabase:
             return asyncio.run(_pg(self.url, self.schema, _numbered(sql), *params))
         return self._sqlite_query(sql, params)
 
+    def execute(self, sql: str, *params: Any) -> None:
+        """A write, as someone other than the relay would make it (the marketplace's own SQL)."""
+        if self.is_postgres:
+            asyncio.run(_pg(self.url, self.schema, _numbered(sql), *params))
+            return
+        assert self.sqlite_path is not None
+        with sqlite3.connect(self.sqlite_path, timeout=30) as conn:
+            conn.execute(sql, params)
+
     def _sqlite_query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self.sqlite_path is not None
         with sqlite3.connect(f"file:{self.sqlite_path}?mode=ro", uri=True) as conn:

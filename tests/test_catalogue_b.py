@@ -16,7 +16,7 @@ import json
 import time
 
 import pytest
-from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, Sink, make_relay, message, seed_pair, serving
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, make_relay, message, seed_pair, serving
 from test_e2e_ops import events
 
 from bsm_relay.policy.reasons import reply
@@ -24,12 +24,6 @@ from bsm_relay.policy.reasons import reply
 SELLER = DEMO_SELLER
 BUYER = DEMO_BUYER
 ORDER = DEMO_ORDER
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

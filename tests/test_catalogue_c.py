@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from helpers import Sink, make_relay
+from helpers import make_relay
 from test_delivery_faults import SMTP_SINK, PostfixSink
 from test_e2e_ops import greeted, wait_event
 
@@ -23,12 +23,6 @@ SELLER = "seller@acme.example"
 BUYER = "buyer@example.org"
 ORDER = "111-2223334-4445556"
 SUBJECT = f"Order {ORDER}"
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 def _seed(r):

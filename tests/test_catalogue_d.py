@@ -33,19 +33,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Sink, make_relay, serving
+from helpers import make_relay, serving
 from test_e2e_ops import Line, greeted
 
 from bsm_relay.policy.reasons import reply
 
 SMTP_SOURCE = shutil.which("smtp-source") or next(
     (p for p in ("/usr/sbin/smtp-source",) if Path(p).exists()), None)
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from dbtest import on_postgres
-from helpers import DEMO_ORDER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair
+from helpers import DEMO_ORDER, DEMO_SELLER, RelayProcess, make_relay, message, seed_pair
 from test_e2e_ops import events, greeted
 
 from bsm_relay.policy.reasons import reply
@@ -46,12 +46,6 @@ pytestmark = [
 
 STORAGE = reply("local.storage")            # 451 4.3.0 Temporary storage problem; try again later
 SUBJECT = f"Order {DEMO_ORDER}"
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 def _run(*argv: str) -> None:

@@ -15,7 +15,7 @@ import smtplib
 import time
 
 import pytest
-from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, Sink, make_relay, message, seed_pair, serving
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, make_relay, message, seed_pair, serving
 from test_e2e_ops import events
 
 from bsm_relay.policy.reasons import reply
@@ -25,12 +25,6 @@ BUYER = DEMO_BUYER
 ORDER = DEMO_ORDER
 SUBJECT = f"Order {ORDER}"
 HOP = "Received: from a.example by b.example; Fri, 27 Nov 2026 09:00:00 +0000\r\n"
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,12 @@ import ssl
 import time
 
 import pytest
-from helpers import Sink, make_relay
+from helpers import make_relay
 from test_e2e_ops import Line, greeted, with_smtp
 from tlsutil import make_cert
 
 LIMIT = 20_000
 HOST = "mx.relay.test"
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import smtplib
 import time
 
 import pytest
-from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair, serving
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, RelayProcess, make_relay, message, seed_pair, serving
 from test_e2e_ops import Line
 
 from bsm_relay.aliases.codec import Direction
@@ -54,22 +54,11 @@ async def _seed_many(config: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("cat-r"), sink_port=sink.port)
     seed_pair(r)
     r.many = asyncio.run(_seed_many(str(r.config)))  # type: ignore[attr-defined]
     yield from serving(r)
-
-
-@pytest.fixture(scope="module")
-def alias(relay):
-    return json.loads(relay.cli("alias", "S1", "B1", "--json").stdout)["buyer_alias"]
 
 
 def test_R1_valid_alias_forwarded_once_with_one_received_of_ours(relay, sink, alias):

@@ -17,7 +17,7 @@ import smtplib
 import time
 
 import pytest
-from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, Sink, make_relay, message, seed_pair, serving
+from helpers import DEMO_BUYER, DEMO_ORDER, DEMO_SELLER, make_relay, message, seed_pair, serving
 
 SELLER = DEMO_SELLER
 STRANGER = "orders@acme.example"
@@ -26,21 +26,10 @@ ORDER = DEMO_ORDER
 
 
 @pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("cat-s"), sink_port=sink.port)
     seed_pair(r)
     yield from serving(r)
-
-
-@pytest.fixture(scope="module")
-def alias(relay):
-    return json.loads(relay.cli("alias", "S1", "B1", "--json").stdout)["buyer_alias"]
 
 
 def _refused(relay, mail_from: str, rcpt: str, data: bytes) -> tuple[int, bytes]:

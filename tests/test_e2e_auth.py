@@ -68,12 +68,6 @@ def dns():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
 def _seed(relay: RelayProcess, *seller_ids: str) -> None:
     relay.cli("buyer", "add", "B1", "--email", BUYER, "--name", "Bea Buyer")
     for seller_id in seller_ids or tuple(SELLERS):

@@ -156,12 +156,6 @@ def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
 # -- graceful drain -----------------------------------------------------------------------
 
 def test_sigterm_drains_open_transaction_refuses_new_and_exits_0(tmp_path, sink):
@@ -252,6 +246,9 @@ def test_two_workers_share_the_port_restart_a_crashed_one_and_deliver_once(tmp_p
         assert sum(subject.encode() in data for data in got) == 1, subject
     assert len(got) == len(subjects) + 1
     assert "Traceback" not in relay.log()
+    # Two processes write one log file: every line is still one whole JSON event.
+    for line in relay.log().splitlines():
+        assert isinstance(json.loads(line), dict), line
 
 
 # -- TLS --------------------------------------------------------------------------------------

@@ -127,12 +127,6 @@ def mime_message(from_: str, to: str, subject: str, text: str, files: list[tuple
 
 
 @pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("policy"), sink_port=sink.port, extra=AUTH_OFF + POLICY)
     r.start()

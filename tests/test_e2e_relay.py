@@ -8,17 +8,11 @@ import json
 import smtplib
 
 import pytest
-from helpers import DEMO_BUYER, DEMO_SELLER, RelayProcess, Sink, make_relay, message, seed_pair, serving
+from helpers import DEMO_BUYER, DEMO_SELLER, RelayProcess, make_relay, message, seed_pair, serving
 
 SELLER = DEMO_SELLER
 SELLER_ALT = "orders@acme.example"
 BUYER = DEMO_BUYER
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,10 @@ BUYER = DEMO_BUYER
 
 
 @pytest.fixture(scope="module")
-def sink():
-    with Sink() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def relay(tmp_path_factory, sink):
     r = make_relay(tmp_path_factory.mktemp("speed"), sink_port=sink.port)
     seed_pair(r)
     yield from serving(r)
-
-
-@pytest.fixture(scope="module")
-def alias(relay):
-    return json.loads(relay.cli("alias", "S1", "B1", "--json").stdout)["buyer_alias"]
 
 
 class Wire:

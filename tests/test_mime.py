@@ -238,3 +238,16 @@ def test_boundary_text_inside_a_line_is_not_a_delimiter() -> None:
            b"--b\r\nContent-Type: text/plain\r\n\r\nsee --b here and\r\n--bx not one\r\n--b--\r\n")
     header, body = split(raw)
     assert mime.parse(header, body).text_parts[0].text == "see --b here and\r\n--bx not one"
+
+
+def test_a_large_attachment_keeps_its_first_bytes_and_its_whole_size():
+    """Over 1 MB, only the first 64 KB stay for sniffing (a ZIP stays whole for its directory):
+    the size limit still counts every byte, and the type is still read from the content."""
+    from bsm_relay.policy.attachments import Kind, sniff
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 8000                   # about 2 MB
+    header = b"Content-Type: multipart/mixed; boundary=b\r\n"
+    body = (b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"--b--\r\n")
+    (attachment,) = mime.parse(header, body).attachments
+    assert attachment.length == len(pdf) and len(attachment.data) == 1 << 16
+    assert sniff(attachment.data) is Kind.PDF
