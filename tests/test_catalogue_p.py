@@ -252,3 +252,13 @@ def test_P22_non_ascii_mail_from_without_smtputf8(relay, sink):
     conn.close()
     time.sleep(0.5)
     assert len(sink.messages) == before
+
+
+def test_P22_mail_from_domain_literals_that_trip_the_email_parser_get_553_not_a_traceback(relay):
+    # The email package raises AttributeError on these (aiosmtpd would answer "500 Error: (...)").
+    conn = session(relay, mail_from=None)
+    for path in ("<#@[>", "<?_+@['}`#>", '<"c&=0"@[#.>'):
+        assert conn.cmd(f"MAIL FROM:{path}").startswith("553 5.1.3"), path
+    assert conn.cmd("MAIL FROM:<someone@outside.example> SIZE=100").startswith("250")
+    assert conn.cmd("RCPT TO:<postmaster>").startswith("250")
+    conn.close()

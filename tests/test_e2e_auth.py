@@ -327,6 +327,17 @@ def test_pending_approved_blocked_lifecycle(relay, sink):
     assert "primary" in listing and alt in listing and "approved" in listing
 
 
+def test_an_unapproved_address_is_refused_without_asking_dns(relay, dns):
+    # Approval decides first: a message its seller never approved is refused before SPF and
+    # DKIM are looked up (no DNS traffic, no CPU spent on a message that cannot pass).
+    a = aliases_of(relay, "ACME")
+    stranger = "someone@never-asked.example"
+    code, text = send(relay, stranger, a["buyer_alias"], mail(stranger, a["buyer_alias"], "ACME", "nodns"))
+    assert code == 550 and "not approved" in text
+    assert senders(relay, "ACME")[stranger]["status"] == "pending"
+    assert dns.queried("never-asked.example") == 0
+
+
 def test_approved_addresses_per_seller_are_limited(relay):
     # [auth] max_approved_senders = 2 in this relay's config; the primary does not count.
     relay.cli("sender", "approve", "LIMIT", "a@limit.example")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
+from functools import cached_property
 
 import dns.asyncresolver
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -36,6 +39,12 @@ class Relay:
 
     def alias(self, direction: Direction, seller_id: int, buyer_id: int) -> str:
         return f"{self.codec.encode(direction, seller_id, buyer_id)}@{self.settings.aliases.domain}"
+
+    @cached_property
+    def loop_marker(self) -> str:
+        """The value of our loop header (intake.LOOP_HEADER): a keyed digest of our host name."""
+        key = self.keys.derive("loop-marker")
+        return hmac.new(key, self.settings.smtp.hostname.lower().encode(), hashlib.sha256).hexdigest()[:32]
 
     @property
     def local_domains(self) -> frozenset[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import hmac
 import secrets
 import time
@@ -47,11 +46,6 @@ MAX_HOPS = 50
 # with it is refused.  The value is a keyed digest of our host name: it says nothing, cannot be
 # forged by a sender to get a stranger's mail refused, and differs per installation.
 LOOP_HEADER = "X-BSM-Relay-Loop"
-
-
-def loop_marker(relay: Relay) -> str:
-    key = relay.keys.derive("loop-marker")
-    return hmac.new(key, relay.settings.smtp.hostname.lower().encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _is_delivery_report(headers: list) -> bool:  # type: ignore[type-arg]
@@ -117,7 +111,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         return Outcome(refuse("msg.malformed"))
     if received_count(headers) > MAX_HOPS:
         return Outcome(refuse("msg.loop"))
-    marker = loop_marker(relay)
+    marker = relay.loop_marker
     if any(hmac.compare_digest(h.value.strip().encode(), marker.encode()) for h in get_all(headers, LOOP_HEADER)):
         # We forwarded this message ourselves and it came back (an alias whose real address is
         # one of our aliases): refused once, and our refusal is not forwarded again (catalogue L2).
@@ -145,17 +139,20 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
             return Outcome(refuse("from.missing"))
         except AmbiguousFrom:
             return Outcome(refuse("from.ambiguous"))
-        # Approval decides first, authenticity second (looked up here, applied in the loop): the
-        # approval's sentence (approve or unblock this address) is the one the sender can act on,
-        # and an unknown address is still recorded as pending for the seller to review.  A message
-        # from an approved address that is not authentic is then refused as auth.failed.
-        authentic, auth_results = await _authenticate(relay, tx, sender.address)
+        # Approval decides first, authenticity second: the approval's sentence (approve or unblock
+        # this address) is the one the sender can act on, and an unknown address is still recorded
+        # as pending for the seller to review.  Only a message every recipient's seller approved is
+        # then checked for authenticity (SPF, DKIM: DNS and CPU a refusal does not need) and refused
+        # as auth.failed when it is not authentic.
         for rcpt in aliased:
             decision, pending = await _approve(relay, rcpt, sender.address)
-            decision = decision if not decision.accepted else authentic
             if not decision.accepted:
                 await _log_refusal(relay, tx, rcpt, decision, pending=pending)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
+        authentic, auth_results = await _authenticate(relay, tx, sender.address)
+        if not authentic.accepted:
+            await _log_refusal(relay, tx, aliased[0], authentic)
+            return Outcome(authentic, log={"alias": aliased[0].address, **_ids(aliased[0])})
         original_ids = parse_msg_ids(_first(headers, "Message-ID"))
         thread_ids = ThreadRefs(parse_msg_ids(_first(headers, "In-Reply-To")),
                                 parse_msg_ids(_first(headers, "References")))
@@ -334,7 +331,7 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
         received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
         extra=([("Authentication-Results", auth_results)] if auth_results else [])
-        + [(LOOP_HEADER, loop_marker(relay))],
+        + [(LOOP_HEADER, relay.loop_marker)],
         date_if_missing=_rfc5322_date(now))
     spool_path = None
     q = settings.queue

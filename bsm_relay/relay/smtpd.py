@@ -31,6 +31,11 @@ from .queue import StorageError
 
 _RCPT_ARG = re.compile(r"TO:\s*<([^<>]*)>\s*(.*)", re.IGNORECASE | re.ASCII)
 _RCPT_BARE = re.compile(r"TO:\s*(\S+)\s*(.*)", re.IGNORECASE | re.ASCII)
+# MAIL FROM's usual shape, <dot-atom@dot-atom> and its parameters, read without the email
+# package's header parser (about a tenth of a refusal's CPU); anything else goes to aiosmtpd's.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(rf'[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)>[ \t]*([^ \t()\\"][^()\\"]*)?',
+                         re.ASCII)
 
 # Seconds a trusted proxy has to send its PROXY header after connecting.
 PROXY_TIMEOUT = 10.0
@@ -254,6 +259,18 @@ class RelaySMTP(SMTP):
         # STARTTLS starts a new aiosmtpd session; the log keeps following the same connection.
         session.id = getattr(self.session, "id", None) or secrets.token_hex(6)  # type: ignore[attr-defined]
         return session
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _PLAIN_PATH.fullmatch(arg)
+        if m is None:
+            try:
+                return super()._getaddr(arg)
+            except Exception:       # the email package trips over some domain literals ("<a@[>")
+                return None, None
+        address = m.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, m.group(2) or ""
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
