@@ -145,10 +145,10 @@ class Enqueuer:
                 return await unit(s)
         return await self._submit(unit)
 
-    async def any_row(self, query: Select[Any]) -> bool:
+    async def any_row(self, query: Select[Any], params: dict[str, Any] | None = None) -> bool:
         """Whether a read-only ``query`` finds a row (outside the group: no write, no lock)."""
         async with self._sessions() as s:
-            return (await s.execute(query)).first() is not None
+            return (await s.execute(query, params)).first() is not None
 
     async def _submit(self, entry: Entry) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -231,7 +231,7 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
                 values = _values(obj)
                 rows.setdefault((type(obj).__table__, frozenset(values)), []).append(values)
     for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
-        conn.execute(key[0].insert(), rows[key])
+        conn.execute(_insert(key[0]), rows[key])
     done = [e for e in entries if isinstance(e, Delivered)]
     if done:
         conn.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
@@ -257,6 +257,17 @@ _ITEM_DONE = (_QUEUE.update().where(_QUEUE.c.id == bindparam("b_id"), _QUEUE.c.l
 @asynccontextmanager
 async def _no_lock() -> AsyncIterator[None]:
     yield
+
+
+_INSERTS: dict[Any, Any] = {}
+
+
+def _insert(table: Any) -> Any:
+    """The table's INSERT, built once (its cache key is then computed once, not per group)."""
+    stmt = _INSERTS.get(table)
+    if stmt is None:
+        stmt = _INSERTS[table] = table.insert()
+    return stmt
 
 
 def _values(obj: Any) -> dict[str, Any]:
@@ -286,21 +297,52 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
         return await unit(s)
 
 
-def _due(now: float, limit: int) -> Select[Any]:
+def _due(limit: int | None) -> Select[Any]:
     q = _QUEUE.c
+    now = bindparam("b_now")
     # A spooled item is this node's only if its file is here (another node's local queue).
-    return (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
+    stmt = (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
                                or_(q.lease_until.is_(None), q.lease_until < now),
-                               or_(q.spool_path.is_(None), q.spool_path.startswith(spool.host_prefix(),
-                                                                                    autoescape=True)))
-            .order_by(q.next_attempt_at).limit(limit))
+                               or_(q.spool_path.is_(None),
+                                   q.spool_path.like(bindparam("b_prefix"), escape="/")))
+            .order_by(q.next_attempt_at))
+    return stmt.limit(limit) if limit is not None else stmt.limit(bindparam("b_limit"))
+
+
+# The delivery path's statements, built once (building and keying a statement costs more than
+# SQLite running it): "anything due?", and the claim, which leases and reads in one UPDATE.
+_ANY_DUE = _due(1)
+_CLAIMED = (_QUEUE.c.id, _QUEUE.c.kind, _QUEUE.c.envelope_from, _QUEUE.c.origin_sender, _QUEUE.c.body,
+            _QUEUE.c.attempts, _QUEUE.c.created_at, _QUEUE.c.delay_notified, _QUEUE.c.session_id,
+            _QUEUE.c.spool_path)
+_PENDING_RCPTS = (select(_RCPTS.c.id, _RCPTS.c.queue_id, _RCPTS.c.address, _RCPTS.c.alias)
+                  .where(_RCPTS.c.queue_id.in_(bindparam("b_ids", expanding=True)), _RCPTS.c.status == "pending"))
+
+
+def _claim_statement(postgres: bool) -> Any:
+    due = _due(None)
+    if postgres:
+        due = due.with_for_update(skip_locked=True)
+    return (_QUEUE.update().where(_QUEUE.c.id.in_(due.scalar_subquery()))
+            .values(lease_owner=bindparam("b_owner"), lease_until=bindparam("b_until"))
+            .returning(*_CLAIMED))
+
+
+_CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
+
+
+def _due_params(now: float) -> dict[str, Any]:
+    prefix = spool.host_prefix()
+    for char in "/%_":       # LIKE's wildcards (and the escape) taken literally: a prefix match
+        prefix = prefix.replace(char, "/" + char)
+    return {"b_now": now, "b_prefix": prefix + "%"}
 
 
 async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, limit: int,
                 lease: float, now: float | None = None) -> list[Claimed]:
     work = Claim(owner, limit, lease, time.time() if now is None else now)
     if isinstance(db, Enqueuer):
-        if not await db.any_row(_due(work.now, 1)):
+        if not await db.any_row(_ANY_DUE, _due_params(work.now)):
             return []        # nothing due: no write transaction (delivery asks after every commit)
         return await db._submit(work)  # type: ignore[no-any-return]
     async with db.begin() as s:
@@ -308,25 +350,16 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
 
 
 def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
-    q = _QUEUE.c
-    due = _due(work.now, work.limit)
-    if conn.dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
-    ids = list(conn.execute(
-        _QUEUE.update().where(q.id.in_(due.scalar_subquery()))
-        .values(lease_owner=work.owner, lease_until=work.now + work.lease)
-        .returning(q.id)).scalars())
-    if not ids:
+    stmt = _CLAIM[conn.dialect.name == "postgresql"]
+    items = conn.execute(stmt, {**_due_params(work.now), "b_limit": work.limit, "b_owner": work.owner,
+                                "b_until": work.now + work.lease}).all()
+    if not items:
         return []
-    items = conn.execute(select(q.id, q.kind, q.envelope_from, q.origin_sender, q.body, q.attempts,
-                                q.created_at, q.delay_notified, q.session_id, q.spool_path)
-                         .where(q.id.in_(ids))).all()
-    r = _RCPTS.c
-    rcpts = conn.execute(select(r.id, r.queue_id, r.address, r.alias).where(
-        r.queue_id.in_(ids), r.status == "pending")).all()
+    rcpts = conn.execute(_PENDING_RCPTS, {"b_ids": [i.id for i in items]}).all()
     by_item: dict[str, list[tuple[int, str, str]]] = {}
     for rid, qid, address, alias in rcpts:
         by_item.setdefault(qid, []).append((rid, address, alias))
+    items.sort(key=lambda i: i.id)
     return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
                     tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path)
             for i in items]
