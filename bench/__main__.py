@@ -195,10 +195,14 @@ def main() -> int:
                         rows.append(row)
                         print(f"  {name:9} {size // 1024:>3} KB x{conns:<2} {row['delivered_per_s']:>8} msg/s "
                               f"delivered, p99 {row['p99_ms']} ms", file=sys.stderr)
+            # Two refusal cases.  "refuse": envelope and header From unapproved; Postfix refuses at
+            # RCPT on the envelope.  "refuse-hdr": an approved envelope with an unapproved header
+            # From (what bsm-relay's rule is about); both refuse after DATA.
             refused = make_message(relay.alias, 2048, sender=OTHER)
-            for name, target in (("bsm-relay", relay), ("postfix", postfix)):
-                rows.append({"target": name, "size": 2048, "connections": 20, "kind": "refuse",
-                             **measure(target, sink, OTHER, relay.alias, refused, refusals, 20)})
+            for kind, mail_from in (("refuse", OTHER), ("refuse-hdr", SELLER)):
+                for name, target in (("bsm-relay", relay), ("postfix", postfix)):
+                    rows.append({"target": name, "size": 2048, "connections": 20, "kind": kind,
+                                 **measure(target, sink, mail_from, relay.alias, refused, refusals, 20)})
         finally:
             relay.stop()
             postfix.stop()
@@ -236,8 +240,8 @@ def print_table(rows: list[dict]) -> None:
         pair = {r["target"]: r for r in rows if (r["kind"], r["size"], r["connections"]) == (kind, size, conns)}
         ours, theirs = pair.get("bsm-relay", {}), pair.get("postfix", {})
         label = f"{kind} {size // 1024} KB x{conns}"
-        if kind == "refuse":   # columns: refusals/s, CPU ms per refusal, peak MB
-            label = f"refusals/s, CPU, MB x{conns}"
+        if kind.startswith("refuse"):   # columns: refusals/s, CPU ms per refusal, peak MB
+            label = f"{'hdr ' if kind == 'refuse-hdr' else ''}refusals/s,CPU,MB x{conns}"
         cells = []
         for key, _ in (keys if kind == "accept" else [("refused_per_s", ""), *keys[4:]]):
             a, b = ours.get(key), theirs.get(key)

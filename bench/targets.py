@@ -109,7 +109,8 @@ class SmtpSink:
 
 
 class Postfix:
-    """A Postfix instance as an equivalent hop: approved senders (check_sender_access), an alias map
+    """A Postfix instance as an equivalent hop: approved senders (check_sender_access on the
+    envelope at RCPT, header_checks on the header From after DATA), an alias map
     (virtual_alias_maps: alias -> real address), a header rewrite (header_checks and
     sender_canonical_maps), its normal disk queue, relaying to the sink."""
 
@@ -121,9 +122,12 @@ class Postfix:
         (self.conf / "senders").write_text(f"{approved} OK\n")
         (self.conf / "virtual").write_text(f"{alias} {real}\n")
         (self.conf / "canonical").write_text(f"{approved} {alias}\n")
+        # The header From is approved too, as bsm-relay's rule has it: the approved address is
+        # rewritten, any other From refused after DATA (the envelope check refuses at RCPT).
         (self.conf / "header_checks").write_text(
             "/^Received:/ IGNORE\n/^X-Originating-IP:/ IGNORE\n/^Reply-To:/ IGNORE\n"
-            f"/^From:/ REPLACE From: \"Seller via Marketplace\" <{alias}>\n")
+            f"/^From:.*<{re.escape(approved)}>/ REPLACE From: \"Seller via Marketplace\" <{alias}>\n"
+            "/^From:/ REJECT 5.7.1 This From address is not approved\n")
         (self.conf / "main.cf").write_text(f"""
 compatibility_level = 3.6
 queue_directory = {self.dir / 'queue'}
