@@ -17,7 +17,7 @@ import asyncio
 import fcntl
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Executable, Row, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -185,9 +185,32 @@ def make_sync_writer_engine(url: str) -> Engine | None:
     busy = float(str(parsed.query.get("timeout", "30")))
     engine = create_engine(parsed.set(drivername="sqlite").difference_update_query(["timeout"]),
                            connect_args={"timeout": busy, "check_same_thread": False},
-                           pool_size=1, max_overflow=2)
+                           pool_size=2, max_overflow=4)   # the writer and the hot reads
     _sqlite_setup(engine, busy)
     return engine
+
+
+class Reads:
+    """The serving path's read-only statements (the facts counter, "anything due?", the day's
+    count).  On SQLite each is one hand-off to a thread on a plain connection of the writer's
+    engine: through aiosqlite a read costs a thread hop and an event-loop wake-up per call
+    (cursor, execute, fetch, the rollback when the connection goes back).  WAL: a read never
+    waits for the writer and sees every committed group.  Elsewhere the async engine."""
+
+    def __init__(self, engine: AsyncEngine, sync_engine: Engine | None) -> None:
+        self._engine = engine
+        self._sync = sync_engine
+
+    async def all(self, stmt: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
+        if self._sync is not None:
+            return await asyncio.to_thread(self._all_sync, stmt, params)
+        async with self._engine.connect() as conn:
+            return (await conn.execute(stmt, params)).all()
+
+    def _all_sync(self, stmt: Executable, params: dict[str, Any] | None) -> Sequence[Row[Any]]:
+        assert self._sync is not None
+        with self._sync.connect() as conn:
+            return conn.execute(stmt, params).all()
 
 
 def _sqlite_setup(engine: Engine, busy: float) -> None:

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .db import Reads
 from .models import FactsGeneration
 
 T = TypeVar("T")
@@ -35,8 +35,8 @@ _GENERATION = select(FactsGeneration.__table__.c.value).where(FactsGeneration.__
 
 
 class FactsCache:
-    def __init__(self, engine: AsyncEngine, max_age: float = 300.0, max_entries: int = 200_000) -> None:
-        self._engine = engine
+    def __init__(self, reads: Reads, max_age: float = 300.0, max_entries: int = 200_000) -> None:
+        self.reads = reads
         self._max_age = max_age
         self._max_entries = max_entries
         self._entries: dict[Hashable, Any] = {}
@@ -58,8 +58,7 @@ class FactsCache:
     async def _read(self) -> None:
         started = time.monotonic()
         try:
-            async with self._engine.connect() as conn:
-                value = (await conn.execute(_GENERATION)).scalar_one()
+            value = (await self.reads.all(_GENERATION))[0][0]
         finally:
             self._task = None
         if (value != self.generation or started - self._born > self._max_age

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import spool
+from .db import Reads
 from .models import MessageEvent, QueueItem, QueueRecipient
 
 
@@ -110,8 +111,9 @@ class Enqueuer:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64,
                  write_lock: Callable[[], AbstractAsyncContextManager[None]] | None = None,
-                 sync_engine: Engine | None = None) -> None:
+                 sync_engine: Engine | None = None, reads: Reads | None = None) -> None:
         self._sessions = sessions
+        self._reads = reads
         self._max_batch = max_batch
         self._write_lock = write_lock or _no_lock
         # SQLite: plain row work (most of it) is committed in one hand-off to a thread per group.
@@ -147,6 +149,8 @@ class Enqueuer:
 
     async def any_row(self, query: Select[Any], params: dict[str, Any] | None = None) -> bool:
         """Whether a read-only ``query`` finds a row (outside the group: no write, no lock)."""
+        if self._reads is not None:
+            return bool(await self._reads.all(query, params))
         async with self._sessions() as s:
             return (await s.execute(query, params)).first() is not None
 

@@ -59,10 +59,12 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
     except dns.resolver.NoResolverConfiguration:
         await engine.dispose()
         raise StartupError("no DNS resolver: the system has none configured; set [dns] nameservers") from None
+    sync_engine = db.make_sync_writer_engine(settings.database_url)
+    reads = db.Reads(engine, sync_engine)
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
-                 store=Store(sessions, FactsCache(engine)),
+                 store=Store(sessions, FactsCache(reads)),
                  enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url),
-                                  sync_engine=db.make_sync_writer_engine(settings.database_url)),
+                                   sync_engine=sync_engine, reads=reads),
                  redactor=redactor,
                  bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
                  resolver=resolver)
