@@ -45,7 +45,8 @@ class Accepted:
     items: list[QueueItem]
     recipients: list[QueueRecipient]
     extra: list[Any] = field(default_factory=list)     # ThreadId, MessageLog rows
-    after: list[Unit] = field(default_factory=list)   # more work in the same transaction
+    # More row work in the same transaction, after the INSERTs (sync, on the group's connection).
+    after: list[Callable[[Connection], Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ Entry = Accepted | Delivered | Claim | Unit
 
 def _rowish(entry: Entry) -> bool:
     """Plain row work, done with Core statements alone (no ORM session, no async unit)."""
-    return isinstance(entry, (Delivered, Claim)) or (isinstance(entry, Accepted) and not entry.after)
+    return isinstance(entry, (Delivered, Claim, Accepted))
 
 
 class Enqueuer:
@@ -216,9 +217,6 @@ class Enqueuer:
             async with self._sessions.begin() as s:
                 done = iter(await s.run_sync(lambda sync: _apply_rows(sync.connection(), rows)) if rows else [])
                 for entry in entries:
-                    if isinstance(entry, Accepted):
-                        for unit in entry.after:
-                            await unit(s)
                     results.append(next(done) if not callable(entry) else await entry(s))
         return results
 
@@ -227,7 +225,8 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
     """The row work of a group on one connection (sync; the async path runs it through
     ``run_sync``): each Accepted's INSERTs, one ``executemany`` per table and set of columns (the
     ORM's unit of work costs more than the database here; queue items first, recipients refer
-    to them), Delivered outcomes in bulk, then each Claim.  One result per entry."""
+    to them) and their ``after`` work, Delivered outcomes in bulk, then each Claim.  One result
+    per entry."""
     rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
     for entry in entries:
         if isinstance(entry, Accepted):
@@ -236,6 +235,10 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
                 rows.setdefault((type(obj).__table__, frozenset(values)), []).append(values)
     for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
         conn.execute(_insert(key[0]), rows[key])
+    for entry in entries:
+        if isinstance(entry, Accepted):
+            for work in entry.after:
+                work(conn)
     done = [e for e in entries if isinstance(e, Delivered)]
     if done:
         conn.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -112,20 +112,19 @@ class Store:
             return SenderStatus(status) if status else SenderStatus.UNKNOWN
         return await self._cached(("status", seller.id, address.lower()), load)
 
-    def attempt_recorder(self, seller_id: int, address: str) -> Callable[[AsyncSession], Awaitable[None]]:
+    def attempt_recorder(self, seller_id: int, address: str) -> Callable[[Connection], None]:
         """An unapproved address tried to send: record it as pending (or count the try), as work
         for a transaction someone else runs (the relay's writer, with the refusal's log row)."""
         address = normalize_address(address)
 
-        async def unit(s: AsyncSession) -> None:
+        def work(conn: Connection) -> None:
             now = time.time()
-            updated = await s.execute(_COUNT_ATTEMPT,
-                                      {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
+            updated = conn.execute(_COUNT_ATTEMPT, {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
             if updated.rowcount == 0:
-                await s.execute(_SENDERS.insert(), {"seller_id": seller_id, "address": address, "status": "pending",
-                                                    "first_seen": now, "last_seen": now, "attempts": 1,
-                                                    "updated_at": now})
-        return unit
+                conn.execute(_SENDERS.insert(), {"seller_id": seller_id, "address": address, "status": "pending",
+                                                 "first_seen": now, "last_seen": now, "attempts": 1,
+                                                 "updated_at": now})
+        return work
 
     async def set_sender_status(self, seller_ext_id: str, address: str, status: str, *,
                                 max_approved: int = 0) -> None:
