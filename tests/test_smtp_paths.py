@@ -1,4 +1,5 @@
-"""MAIL FROM's fast path (``RelaySMTP._getaddr``) reads exactly what aiosmtpd's parser reads.
+"""The address fast paths read and write exactly what the libraries would: MAIL FROM in
+(``RelaySMTP._getaddr``, against aiosmtpd's parser) and MAIL/RCPT out (``delivery._mail``/``_rcpt``).
 
 The fast path takes the usual ``<dot-atom@dot-atom> params`` shape with a regex; everything
 else goes to aiosmtpd's parser (the email package).  Over many generated paths, plain and
@@ -62,3 +63,22 @@ def test_paths_the_email_package_trips_over_are_malformed_not_an_exception():
         with pytest.raises(AttributeError):
             SMTP._getaddr(proto, path)
         assert proto._getaddr(path) == (None, None)
+
+
+def test_delivery_writes_plain_addresses_as_aiosmtplib_would():
+    # Delivery's MAIL/RCPT fast path (delivery._PLAIN_ADDRESS) must send exactly the <address>
+    # that aiosmtplib's quote_address makes of it; other addresses still go through aiosmtplib.
+    from aiosmtplib.email import quote_address
+
+    from bsm_relay.relay.delivery import _PLAIN_ADDRESS
+    rnd, fast = random.Random(3), 0
+    for _ in range(20_000):
+        local = ".".join("".join(rnd.choice(ATEXT) for _ in range(rnd.randint(1, 5))) for _ in range(rnd.randint(1, 3)))
+        domain = ".".join("".join(rnd.choice("abc09-") for _ in range(rnd.randint(1, 5))) for _ in range(2))
+        address = f"{local}@{domain}"
+        if _PLAIN_ADDRESS.fullmatch(address):
+            fast += 1
+            assert quote_address(address) == f"<{address}>", address
+    assert fast == 20_000
+    for odd in ('"a b"@c.d', "a@[1.2.3.4]", "<a@b.c>", "a b@c.d", "a@b.c SIZE=1", "jörg@b.c", ""):
+        assert not _PLAIN_ADDRESS.fullmatch(odd), odd

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import socket
 import time
@@ -180,14 +181,40 @@ async def _write_spooled(proto: Any, message: Spooled) -> None:
         proto.write(b"\r\n")
 
 
+# A plain ASCII dot-atom address: written into MAIL and RCPT as <address> directly.  aiosmtplib's
+# mail() and rcpt() read every address with the email package's parser first (a tenth of a 2 KB
+# message's delivery); anything else still goes through them.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                            r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*", re.ASCII)
+
+
+async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str]) -> None:
+    if not _PLAIN_ADDRESS.fullmatch(sender):
+        await client.mail(sender, options=options)
+        return
+    response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">",
+                                            *(o.encode("ascii") for o in options))
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+
+
+async def _rcpt(client: aiosmtplib.SMTP, recipient: str) -> None:
+    if not _PLAIN_ADDRESS.fullmatch(recipient):
+        await client.rcpt(recipient)
+        return
+    response = await client.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">")
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+
+
 async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
                     options: list[str]) -> dict[str, aiosmtplib.SMTPResponse]:
     """MAIL, each RCPT and DATA one at a time: the recipients the server refused."""
-    await client.mail(envelope_from, options=options)
+    await _mail(client, envelope_from, options)
     errors: dict[str, aiosmtplib.SMTPResponse] = {}
     for rcpt in recipients:
         try:
-            await client.rcpt(rcpt)
+            await _rcpt(client, rcpt)
         except aiosmtplib.SMTPRecipientRefused as exc:
             errors[rcpt] = aiosmtplib.SMTPResponse(exc.code, exc.message)
     if len(errors) == len(recipients):
