@@ -36,7 +36,7 @@ from .headers import (
     split_offsets,
 )
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
-from .queue import Accepted, new_queue_id
+from .queue import Accepted, new_queue_id, row
 from .rewrite import RewritePlan, format_received, render, render_head
 from .store import BuyerRow, SellerRow
 
@@ -175,14 +175,14 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     if postmaster:
         qid = new_queue_id()
         received = format_received(relay.settings.smtp.hostname, qid, datetime.now(UTC))
-        item = QueueItem(id=qid, kind="postmaster", envelope_from=tx.mail_from, origin_sender=None,
-                         body=f"Received: {received}\r\n".encode() + tx.content, size=len(tx.content),
-                         created_at=now, next_attempt_at=now, attempts=0, status="queued", session_id=tx.session_id)
+        item = row(QueueItem, id=qid, kind="postmaster", envelope_from=tx.mail_from, origin_sender=None,
+                   body=f"Received: {received}\r\n".encode() + tx.content, size=len(tx.content),
+                   created_at=now, next_attempt_at=now, attempts=0, status="queued", session_id=tx.session_id)
         acc.items.append(item)
-        acc.recipients.append(QueueRecipient(queue_id=qid, address=relay.settings.smtp.postmaster,
-                                             alias=postmaster[0].address, status="pending"))
-        acc.extra.append(MessageLog(at=now, session_id=tx.session_id, queue_id=qid, decision="accepted",
-                                    reason=None, size=len(tx.content), upstream_delay=upstream))
+        acc.recipients.append(row(QueueRecipient, queue_id=qid, address=relay.settings.smtp.postmaster,
+                                  alias=postmaster[0].address, status="pending"))
+        acc.extra.append(row(MessageLog, at=now, session_id=tx.session_id, queue_id=qid, decision="accepted",
+                             reason=None, size=len(tx.content), upstream_delay=upstream))
         first_log = first_log or {"upstream_delay": upstream}
         queue_ids.append(qid)
     for rcpt in bounces:
@@ -194,7 +194,7 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
             await relay.enqueuer.commit(acc)
         except BaseException:
             for item in acc.items:                 # not queued: its spool file is nobody's
-                spool.remove(relay.settings.state_dir, item.spool_path)
+                spool.remove(relay.settings.state_dir, item.values.get("spool_path"))
             raise
         for rcpt, verdict in zip(aliased, verdicts, strict=True):
             if verdict.proactive and rcpt.ref is not None:
@@ -285,15 +285,14 @@ async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision:
     """The refusal in the message log and, for an unknown or pending sender, its attempt in
     Messaging Permissions: one entry of the writer's next group (no transaction of its own)."""
     assert rcpt.ref is not None
-    row = MessageLog(
-        at=time.time(), session_id=tx.session_id, queue_id=None, direction=int(rcpt.ref.direction),
-        seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id, decision="refused",
-        reason=decision.reason, size=len(tx.content), order_ext_id=order_ext_id,
-        contact_reason=contact_reason, proactive=proactive)
+    entry = row(MessageLog, at=time.time(), session_id=tx.session_id, queue_id=None,
+                direction=int(rcpt.ref.direction), seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id,
+                decision="refused", reason=decision.reason, size=len(tx.content), order_ext_id=order_ext_id,
+                contact_reason=contact_reason, proactive=proactive)
     if pending is None:
-        await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[row]))
+        await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[entry]))
         return
-    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[row],
+    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[entry],
                                          after=[relay.store.attempt_recorder(*pending)]))
 
 
@@ -344,16 +343,16 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
     else:
         body = render(content, plan)
         size = len(body)
-    item = QueueItem(id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
-                     origin_sender=sender, body=body, size=size, created_at=now, next_attempt_at=now,
-                     attempts=0, status="queued", session_id=tx.session_id, spool_path=spool_path)
-    recipient = QueueRecipient(queue_id=qid, address=to_address, alias=rcpt.address, status="pending")
-    thread = ThreadId(minted=minted, original=original_id or minted, seller_id=ref.seller_id,
-                      buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)
-    log = MessageLog(at=now, session_id=tx.session_id, queue_id=qid, direction=int(ref.direction),
-                     seller_id=ref.seller_id, buyer_id=ref.buyer_id, decision="accepted", reason=None,
-                     size=len(content), message_id=minted, order_ext_id=order_ext_id,
-                     contact_reason=contact_reason, proactive=proactive, upstream_delay=upstream_delay)
+    item = row(QueueItem, id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
+               origin_sender=sender, body=body, size=size, created_at=now, next_attempt_at=now,
+               attempts=0, status="queued", session_id=tx.session_id, spool_path=spool_path)
+    recipient = row(QueueRecipient, queue_id=qid, address=to_address, alias=rcpt.address, status="pending")
+    thread = row(ThreadId, minted=minted, original=original_id or minted, seller_id=ref.seller_id,
+                 buyer_id=ref.buyer_id, direction=int(ref.direction), created_at=now)
+    log = row(MessageLog, at=now, session_id=tx.session_id, queue_id=qid, direction=int(ref.direction),
+              seller_id=ref.seller_id, buyer_id=ref.buyer_id, decision="accepted", reason=None,
+              size=len(content), message_id=minted, order_ext_id=order_ext_id,
+              contact_reason=contact_reason, proactive=proactive, upstream_delay=upstream_delay)
     return qid, [item, recipient, thread, log]
 
 
