@@ -156,7 +156,7 @@ async def _fetch_keys(
         return records[0] if records else None
 
     ordered = sorted(names)
-    return dict(zip(ordered, await asyncio.gather(*(one(n) for n in ordered))))
+    return dict(zip(ordered, await asyncio.gather(*(one(n) for n in ordered)), strict=True))
 
 
 def _verify_all(message: bytes, signatures: list[_Signature], keys: dict[str, bytes | None]) -> list[DkimResult]:
@@ -200,7 +200,7 @@ async def _check_dkim(
     if to_verify:
         keys = {name: key for name, key in fetched.items() if isinstance(key, bytes)}
         verified = await asyncio.to_thread(_verify_all, message, to_verify, keys)
-        results.update(zip((s.index for s in to_verify), verified))
+        results.update(zip((s.index for s in to_verify), verified, strict=True))
     return [(s.domain, results[s.index]) for s in signatures]
 
 
