@@ -317,3 +317,20 @@ async def test_a_spooled_item_is_claimed_only_by_the_node_that_holds_its_file(tm
             await s.execute(update(QueueItem).where(QueueItem.id == qid).values(spool_path=path))
     claimed = await claim(sessions, "node-a", 10, 60)
     assert sorted(c.id for c in claimed) == ["qlocal", "qrow"]
+
+
+async def test_a_host_name_with_like_wildcards_claims_only_its_own_spool(tmp_path, sessions, monkeypatch):
+    # The claim matches the spool prefix with LIKE: "_" and "%" in the host name are literal.
+    from sqlalchemy import update
+
+    from bsm_relay.relay import spool
+    from bsm_relay.relay.models import QueueItem
+    from bsm_relay.relay.queue import claim
+    monkeypatch.setattr(spool, "_HOST", "node_1%")
+    for qid, path in (("qmine", "spool/node_1%/a.eml"), ("qwild", "spool/nodeX1yz/b.eml"),
+                      ("qwild2", "spool/node_1%x/c.eml")):
+        await enqueue(sessions, qid, [(BUYERS[0], ALIASES[0])])
+        async with sessions.begin() as s:
+            await s.execute(update(QueueItem).where(QueueItem.id == qid).values(spool_path=path))
+    claimed = await claim(sessions, "node-a", 10, 60)
+    assert [c.id for c in claimed] == ["qmine"]
