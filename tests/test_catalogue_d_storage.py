@@ -142,6 +142,19 @@ def queued_subjects(relay: RelayProcess) -> list[bytes]:
             for line in bytes(body).split(b"\r\n") if line.startswith(b"Subject:")]
 
 
+@contextmanager
+def serving_after_one(tmp_path: Path, sink) -> Iterator[tuple[RelayProcess, str, int]]:
+    """A relay with its state in ``tmp_path / "state"`` (mounted by the caller), serving, one message
+    accepted and delivered first: (relay, buyer alias, the sink's count before that message)."""
+    relay = make_relay(tmp_path, sink_port=sink.port)
+    alias = seed_pair(relay)["buyer_alias"]
+    with running(relay):
+        before = len(sink.messages)
+        assert send(relay, alias, f"{SUBJECT} before").startswith("250")
+        sink.wait_for(before + 1)
+        yield relay, alias, before
+
+
 def smtp_storage_errors(relay: RelayProcess) -> list[dict]:
     """``store.error`` events of SMTP sessions (the delivery side's carry a ``stage``)."""
     return [e for e in events(relay, "store.error") if "stage" not in e]
@@ -149,12 +162,7 @@ def smtp_storage_errors(relay: RelayProcess) -> list[dict]:
 
 def test_D3_full_file_system_answers_451_430_then_accepts_again_once_there_is_room(tmp_path, sink):
     with mounted(tmp_path / "state", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs") as state:
-        relay = make_relay(tmp_path, sink_port=sink.port)
-        alias = seed_pair(relay)["buyer_alias"]
-        with running(relay):
-            before = len(sink.messages)
-            assert send(relay, alias, f"{SUBJECT} before").startswith("250")
-            sink.wait_for(before + 1)
+        with serving_after_one(tmp_path, sink) as (relay, alias, before):
 
             # The disk fills up while a client is in DATA (MAIL found room; [storage] min_free_bytes is 0).
             conn = transaction(relay, "postmaster", "someone@outside.example")
@@ -208,12 +216,7 @@ def ext4_state(tmp_path: Path) -> Iterator[Path]:
 
 def test_D3_read_only_file_system_answers_451_430_then_accepts_again_once_writable(tmp_path, sink):
     with ext4_state(tmp_path) as state:
-        relay = make_relay(tmp_path, sink_port=sink.port)
-        alias = seed_pair(relay)["buyer_alias"]
-        with running(relay):
-            before = len(sink.messages)
-            assert send(relay, alias, f"{SUBJECT} before").startswith("250")
-            sink.wait_for(before + 1)
+        with serving_after_one(tmp_path, sink) as (relay, alias, before):
             with read_only(state):
                 assert send(relay, alias, f"{SUBJECT} while read-only") == STORAGE
                 # An unknown sender is recorded as pending before it is refused: that write fails
@@ -244,12 +247,7 @@ def test_D3_read_only_file_system_answers_451_430_then_accepts_again_once_writab
 
 def test_D3_after_a_read_only_spell_every_write_succeeds_again(tmp_path, sink):
     with ext4_state(tmp_path) as state:
-        relay = make_relay(tmp_path, sink_port=sink.port)
-        alias = seed_pair(relay)["buyer_alias"]
-        with running(relay):
-            before = len(sink.messages)
-            assert send(relay, alias, f"{SUBJECT} before").startswith("250")
-            sink.wait_for(before + 1)
+        with serving_after_one(tmp_path, sink) as (relay, alias, before):
             with read_only(state):
                 # Several clients at once, as in production: the relay opens more database
                 # connections while the files cannot be written.
