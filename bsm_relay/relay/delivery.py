@@ -29,7 +29,7 @@ from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
 from . import log, mx, spool
 from .dkim import DkimSigner, body_hash_relaxed
-from .headers import split_message
+from .headers import DOT_ATOM, split_message
 from .notify import Failure, may_notify, notice_rows
 from .queue import Claimed, Enqueuer, claim, record_attempt, record_error, release_dead_leases
 from .retry import backoff, delay_notice_due, enhanced_status, expired
@@ -184,8 +184,7 @@ async def _write_spooled(proto: Any, message: Spooled) -> None:
 # A plain ASCII dot-atom address: written into MAIL and RCPT as <address> directly.  aiosmtplib's
 # mail() and rcpt() read every address with the email package's parser first (a tenth of a 2 KB
 # message's delivery); anything else still goes through them.
-_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-                            r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*", re.ASCII)
+_PLAIN_ADDRESS = re.compile(rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*", re.ASCII)
 
 
 async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str]) -> None:

@@ -213,7 +213,9 @@ def parse_from(headers: list[Header]) -> Mailbox:
 # RFC 5322 specials plus whitespace end an atom.  Non-ASCII is atext (RFC 6532),
 # which only matters for display names: addresses are checked to be ASCII.
 _ATOM = re.compile(r'[^ \t()<>\[\]:;@\\,."\x00-\x1f\x7f]+')
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+# An ASCII dot-atom (RFC 5322 3.2.3), also the plain-address fast paths of smtpd and delivery.
+DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_DOT_ATOM = re.compile(DOT_ATOM)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 

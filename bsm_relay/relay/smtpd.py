@@ -27,15 +27,14 @@ from ..policy.reasons import reply, reply_for
 from . import bounce_in, dataread, intake, log
 from .backpressure import QueueDepth
 from .context import Relay
+from .headers import DOT_ATOM
 from .queue import StorageError
 
 _RCPT_ARG = re.compile(r"TO:\s*<([^<>]*)>\s*(.*)", re.IGNORECASE | re.ASCII)
 _RCPT_BARE = re.compile(r"TO:\s*(\S+)\s*(.*)", re.IGNORECASE | re.ASCII)
 # MAIL FROM's usual shape, <dot-atom@dot-atom> and its parameters, read without the email
 # package's header parser (about a tenth of a refusal's CPU); anything else goes to aiosmtpd's.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_PATH = re.compile(rf'[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)>[ \t]*([^ \t()\\"][^()\\"]*)?',
-                         re.ASCII)
+_PLAIN_PATH = re.compile(rf'[ \t]*<({DOT_ATOM}@{DOT_ATOM})>[ \t]*([^ \t()\\"][^()\\"]*)?', re.ASCII)
 
 # Seconds a trusted proxy has to send its PROXY header after connecting.
 PROXY_TIMEOUT = 10.0
