@@ -56,8 +56,17 @@ class RecordingHandler:
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         # Scripted answers: callable(rcpt) -> reply string or None (accept).
+        self.mail_reply: Callable[[str], str | None] = lambda sender: None
         self.rcpt_reply: Callable[[str], str | None] = lambda rcpt: None
         self.data_reply: Callable[[], str | None] = lambda: None
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        answer = self.mail_reply(address)
+        if answer:
+            return answer
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         answer = self.rcpt_reply(address)

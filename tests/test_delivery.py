@@ -40,6 +40,31 @@ async def test_4xx_is_retried_with_backoff_then_delivered(tmp_path, sink, sessio
     assert dsns(sink) == []
 
 
+async def test_a_refused_mail_from_is_retried_on_4xx_and_bounced_on_5xx(tmp_path, sink, sessions):
+    # MAIL is written by delivery itself for plain addresses (delivery._mail): the downstream
+    # server's answer to it must still decide the outcome as aiosmtplib's mail() would.
+    settings = settings_for(tmp_path, sink.port)
+    answers = iter(["451 4.3.0 sender check unavailable"])
+    sink.handler.mail_reply = lambda sender: next(answers, None) if sender not in ("", "<>") else None
+    await enqueue(sessions, "qmail4", [(BUYERS[0], ALIASES[0])])
+
+    async def delivered():
+        return len(sink.messages) == 1
+    await run_until(settings, sessions, delivered)
+    assert (await item(sessions, "qmail4"))["attempts"] == 2 and dsns(sink) == []
+
+    sink.handler.mail_reply = lambda sender: "550 5.7.1 sender refused" if sender not in ("", "<>") else None
+    await enqueue(sessions, "qmail5", [(BUYERS[1], ALIASES[1])])
+
+    async def bounced():
+        return len(dsns(sink)) == 1
+    await run_until(settings, sessions, bounced)
+    row = await item(sessions, "qmail5")
+    assert row["status"] == "done" and row["recipients"] == [{"alias": ALIASES[1], "status": "failed"}]
+    assert b"Status: 5.7.1" in dsns(sink)[0].data
+    sink.handler.mail_reply = lambda sender: None
+
+
 async def test_5xx_bounces_once_in_aliases(tmp_path, sink, sessions):
     settings = settings_for(tmp_path, sink.port)
     sink.handler.rcpt_reply = lambda rcpt: (f"550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
