@@ -7,6 +7,7 @@ server that is down at first (nothing listens on its port) and comes back later.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,8 +15,10 @@ from delivery_harness import ALIASES, BUYERS, enqueue, sessions  # noqa: F401 - 
 from helpers import RelayProcess, Sink, make_relay, message
 from sqlalchemy import update
 
+from bsm_relay.config.settings import load
 from bsm_relay.relay.backpressure import HOLD, REFRESH, QueueDepth
 from bsm_relay.relay.models import QueueItem
+from bsm_relay.relay.server import Running, open_relay
 
 SELLER = "seller@acme.example"
 BUYER = "buyer@example.org"
@@ -133,3 +136,20 @@ async def test_gauge_limit_zero_never_refuses(sessions):
     gauge = QueueDepth(sessions)
     assert all([await gauge.admit(0) for _ in range(1000)])
     assert await gauge.admit(4) and not await gauge.admit(4)
+
+
+async def test_drain_waits_for_a_queue_count_a_session_left_behind(tmp_path):
+    # The count a MAIL starts is shared and outlives its session; a stop that did not wait for it
+    # would cut its connection's rollback off at exit ("Exception during reset" in the log).
+    relay = await open_relay(load(str(make_relay(tmp_path).config)))
+    try:
+        running = Running(relay, None)
+        gauge = running.handler.queue_depth
+        first_mail = asyncio.create_task(gauge.admit(5))
+        await asyncio.sleep(0)
+        assert gauge._refresh is not None and not gauge._refresh.done()   # the count is running
+        await running.drain(5.0)
+        assert gauge._refresh is None           # drain returned after the count ended
+        assert await first_mail                 # and the MAIL waiting on it had its answer
+    finally:
+        await relay.engine.dispose()

@@ -12,7 +12,9 @@ incomplete zone.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import threading
 import time
@@ -20,9 +22,11 @@ import urllib.request
 from email.utils import formatdate
 
 import pytest
+import structlog
 from dnsserver import DnsServer
 from helpers import RelayProcess, Sink, free_port, make_relay
 
+from bsm_relay.relay import log
 from bsm_relay.relay.log import EVENTS
 
 SELLER = "seller@acme.example"
@@ -328,9 +332,36 @@ def test_metrics_move_when_messages_pass(relay, run, metrics_port):
 
 # -- the log --------------------------------------------------------------------------------
 
+def test_library_records_become_redacted_json_events():
+    # SQLAlchemy's pool, asyncio and aiosmtpd write through the standard logging module.
+    out = io.StringIO()
+    log.configure("json", "info", log.Redactor(b"k" * 32, "marketplace.example"), stream=out)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("sqlalchemy.pool.impl").error("reset failed for %s", BUYER, exc_info=True)
+        logging.getLogger("mail.log").warning("%r unrecognised: %s", ("127.0.0.1", 1), BUYER)
+        logging.getLogger("asyncio").info("below the threshold")
+    finally:   # this test process's other tests keep the default configuration
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, log._Bridge)]:
+            root.removeHandler(handler)
+        structlog.reset_defaults()
+    [line] = out.getvalue().splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"], event["logger"]) == ("library.log", "error", "sqlalchemy.pool.impl")
+    assert event["message"].startswith("reset failed for addr:") and BUYER not in line
+    assert "ValueError: boom" in event["exception"]
+
 def test_log_events_carry_ids_and_no_real_address_by_default(relay, run):
+    # A client's junk verb is dropped by aiosmtpd's own logger, which writes plain text: it must
+    # not reach the log, which holds JSON lines only.
+    with relay.smtp() as c:
+        assert c.docmd(f"{BUYER}")[0] == 500
     events = log_lines(relay)
     assert events
+    assert len(events) == len(relay.log().splitlines())     # every line is one JSON event
     for e in events:
         assert {"event", "ts", "level"} <= e.keys() and e["event"] in EVENTS, e
     _no_real_address(relay.log())

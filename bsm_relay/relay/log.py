@@ -33,6 +33,8 @@ EVENTS = frozenset({
     "metrics.started", "metrics.error",
     # queue backpressure (issue 7, relay/backpressure.py): state="on" past [queue] max_depth, "off" again
     "queue.backpressure",
+    # a warning or error a library wrote through the standard ``logging`` module (``_Bridge``)
+    "library.log",
 })
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.-]+\.?", re.ASCII)
@@ -132,6 +134,32 @@ def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None 
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _bridge_stdlib_logging()
+
+
+class _Bridge(logging.Handler):
+    """The standard ``logging`` records of the libraries (SQLAlchemy's pool, asyncio, aiosmtpd)
+    as ``library.log`` events: the same JSON lines, redacted like ours, instead of plain text
+    on stderr that a log shipper cannot parse and the redactor never sees."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger().log(record.levelno, "library.log", **fields)
+        except Exception:  # a log line must never break what was being logged
+            self.handleError(record)
+
+
+def _bridge_stdlib_logging() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _Bridge) for h in root.handlers):
+        root.addHandler(_Bridge(logging.WARNING))
+    root.setLevel(logging.WARNING)
+    # aiosmtpd warns for each unknown verb and for the session it then drops; the relay logs
+    # that drop itself (smtp.rejected, conn.too_many_junk), so only its errors come through.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def error_line(error: BaseException) -> str:

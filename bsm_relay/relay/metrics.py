@@ -89,6 +89,7 @@ class RelayMetrics:
         for status in ("queued", "hold"):
             self.queue_depth.labels(status=status).set(0)
         self.task: asyncio.Task[None] | None = None   # the queue poller, held so it is not collected
+        self._stopping = asyncio.Event()
 
     # -- the log observer --------------------------------------------------------------
 
@@ -123,15 +124,23 @@ class RelayMetrics:
         self.queue_oldest.set(summary.oldest_age or 0.0)
 
     async def poll_queue(self, sessions: async_sessionmaker[AsyncSession], interval: float) -> None:
+        """Until :meth:`stop`: a count of the queue every ``interval`` seconds.  Stopped between
+        two counts, never inside one (a cancel there would cut its connection's rollback off)."""
         logger = log.get()
-        while True:
+        while not self._stopping.is_set():
             try:
                 self.set_queue(await queue_summary(sessions))
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # database trouble: the gauges keep their last value
                 logger.error("metrics.error", stage="queue", error_type=type(exc).__name__)
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self.task is not None:
+            await self.task
 
 
 def start(settings: Settings, relay: Any) -> RelayMetrics | None:

@@ -33,7 +33,7 @@ from .dkim import DkimSigner
 from .dns import make_resolver
 from .factcache import FactsCache
 from .queue import Enqueuer
-from .smtpd import Gate, protocol_factory
+from .smtpd import Gate, Handler, protocol_factory
 from .store import Store
 from .verp import BounceAddressCodec
 
@@ -138,6 +138,7 @@ class Running:
         self.relay = relay
         self.tls = contexts
         self.gate = Gate(relay)
+        self.handler = Handler(relay)      # one for every listener: one queue depth count
         self.servers: list[asyncio.Server] = []
         self.log = log.get()
         self._reloading = asyncio.Lock()
@@ -148,12 +149,12 @@ class Running:
         host, port = s.listen_host_port
         starttls = self.tls.front if self.tls else None
         self.servers.append(await loop.create_server(
-            protocol_factory(self.relay, self.gate, starttls=starttls), host, port,
+            protocol_factory(self.relay, self.gate, starttls=starttls, handler=self.handler), host, port,
             reuse_address=True, reuse_port=reuse_port))
         if s.tls.implicit_listen and self.tls is not None:
             ihost, iport = split_host_port(s.tls.implicit_listen, 465)
             self.servers.append(await loop.create_server(
-                protocol_factory(self.relay, self.gate, tls_label="implicit"), ihost, iport, ssl=self.tls.front,
+                protocol_factory(self.relay, self.gate, tls_label="implicit", handler=self.handler), ihost, iport, ssl=self.tls.front,
                 ssl_handshake_timeout=min(60.0, s.smtp.timeout), reuse_address=True, reuse_port=reuse_port))
 
     async def reload(self) -> None:
@@ -194,6 +195,9 @@ class Running:
             await asyncio.wait_for(self.gate.empty.wait(), grace)
         except TimeoutError:
             self.gate.cut_off()
+        # A queue count a session started may outlive it: let it end before the engine goes
+        # (cancelled at exit, its connection's rollback would be cut off mid-way).
+        await self.handler.queue_depth.settle()
 
 
 async def _watchdog(interval: float) -> None:
@@ -265,8 +269,8 @@ async def serve(settings: Settings) -> None:
         await deliverer.stop(max(0.0, deadline - loop.time()))
         for task in background:
             task.cancel()
-        if relay_metrics is not None and relay_metrics.task is not None:
-            relay_metrics.task.cancel()
+        if relay_metrics is not None:
+            await relay_metrics.stop()
         await relay.enqueuer.stop()
         await relay.engine.dispose()
         logger.info("relay.stopped", pid=os.getpid())

@@ -510,9 +510,10 @@ def _client_ip(session: Session) -> str:
 
 
 def protocol_factory(relay: Relay, gate: Gate | None = None, starttls: ssl.SSLContext | None = None,
-                     tls_label: str = "") -> Any:
-    """Protocols for one listener: ``starttls`` offers STARTTLS with that context; ``gate`` is shared by
-    every listener of the process (session limits, drain)."""
-    handler = Handler(relay)
+                     tls_label: str = "", handler: Handler | None = None) -> Any:
+    """Protocols for one listener: ``starttls`` offers STARTTLS with that context; ``gate`` and
+    ``handler`` are shared by every listener of the process (session limits and drain; the queue
+    depth count)."""
+    handler = handler if handler is not None else Handler(relay)
     gate = gate if gate is not None else Gate(relay)
     return lambda: RelaySMTP(relay, handler, gate=gate, tls_label=tls_label, tls_context=starttls)
