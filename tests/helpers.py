@@ -49,6 +49,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    peer: Any = None          # the client's (host, port): which connection brought the message
 
 
 class RecordingHandler:
@@ -80,7 +81,8 @@ class RecordingHandler:
         if answer:
             return answer
         with self.lock:
-            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                                          session.peer))
         return "250 2.0.0 Ok: queued"
 
 

@@ -307,6 +307,30 @@ async def test_a_pooled_connection_the_smarthost_dropped_is_replaced_without_a_d
     await target.close()
 
 
+async def test_the_pool_keeps_a_connection_for_every_delivery_worker(tmp_path):
+    """As many deliveries at once as there are workers, twice: the second wave goes out on the
+    connections of the first (a pool smaller than the workers closed the extra ones after each
+    wave and opened them again: a connection set up and torn down per message under load)."""
+    from bsm_relay.relay.delivery import SmarthostTarget
+    settings = settings_for(tmp_path, 0)
+    with Sink() as sink:
+        settings = dataclasses.replace(settings, delivery=dataclasses.replace(
+            settings.delivery, smarthost=f"127.0.0.1:{sink.port}", workers=12))
+        target = SmarthostTarget(settings)
+
+        async def wave(tag: str) -> set:
+            body = f"From: a@marketplace.example\r\nSubject: {tag}\r\n\r\nhello\r\n".encode()
+            results = await asyncio.gather(*(target.send("b@marketplace.example", [f"{tag}{n}@buyers.example"], body)
+                                             for n in range(12)))
+            assert all(r.delivered for r in results)
+            return {m.peer for m in sink.messages if m.rcpt_tos[0].startswith(tag)}
+
+        first = await wave("first")
+        assert len(first) == 12                    # twelve at once: twelve connections
+        assert await wave("second") <= first       # ... kept, and used again
+        await target.close()
+
+
 async def test_leases_of_dead_processes_on_this_host_are_released_at_start(tmp_path, sessions):
     import os
     import subprocess

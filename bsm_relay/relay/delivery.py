@@ -273,7 +273,7 @@ class SmarthostTarget:
         self.timeout = d.timeout
         self.helo = settings.smtp.hostname
         self._idle: list[tuple[float, aiosmtplib.SMTP]] = []     # (when it was put back, client)
-        self._max_idle = max(1, min(d.workers, 8))
+        self._max_idle = max(1, d.workers)
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(hostname=self.host, port=self.port, local_hostname=self.helo,
