@@ -5,6 +5,7 @@ the async engine, so no database work ever blocks the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +33,39 @@ _COUNT_ATTEMPT = (_SENDERS.update().where(_SENDERS.c.seller_id == bindparam("b_s
 
 def _count_margin(cap: int) -> int:
     return max(10, cap // 10)
+
+
+_FULL_RECOUNT = 60.0      # seconds between two whole-day proactive counts (in between: new rows only)
+
+
+@dataclass(slots=True)
+class _DayCount:
+    """A seller's proactive count of the day as read from the database, and this process's own
+    acceptances since (``noted``: committed here, not yet read back)."""
+    since: float
+    counted: int
+    last_id: int          # the highest message_log id the count has seen
+    full_at: float        # monotonic time of the last whole-day count
+    read_at: float
+    noted: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.counted + self.noted
+
+
+def _proactive_count(seller_id: int, since: float, cap: int | None, after_id: int | None = None) -> Any:
+    """(count, highest id) of the seller's proactive acceptances since ``since``: at most
+    ``cap + 1`` of them (what the rule needs), or those after ``after_id``."""
+    log = MessageLog.__table__.c
+    rows = select(log.id).where(log.seller_id == seller_id, log.at >= since,
+                                log.proactive.is_(True), log.decision == "accepted")
+    if after_id is not None:
+        rows = rows.where(log.id > after_id)
+    if cap is not None:
+        rows = rows.limit(cap + 1)
+    bounded = rows.subquery()
+    return select(func.count(), func.max(bounded.c.id))
 
 ORDER_STATUSES = ("pending", "unshipped", "shipped", "delivered", "canceled")
 ADDRESS_STATUSES = ("approved", "pending", "blocked")
@@ -70,7 +104,8 @@ class Store:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cache: FactsCache | None = None) -> None:
         self.sessions = sessions
         self.cache = cache
-        self._proactive: dict[int, list[float]] = {}    # seller -> [day start, count, read at]
+        self._proactive: dict[int, _DayCount] = {}       # seller -> the day's proactive count
+        self._counting: dict[int, asyncio.Future[int]] = {}   # seller -> the count being read
 
     async def _cached(self, key: tuple[Any, ...], load: Callable[[], Awaitable[T]]) -> T:
         return await (self.cache.get(key, load) if self.cache is not None else load())
@@ -378,34 +413,46 @@ class Store:
 
         Serving, a seller far below the cap is counted from the database at most every
         ``_COUNT_FRESH`` seconds, plus what this process accepted since (:meth:`note_proactive`);
-        within ``_count_margin(cap)`` of the cap every message counts again.  Like the exact
-        count, it cannot see messages other processes are accepting at the same instant."""
-        known = self._proactive.get(seller_id) if self.cache is not None else None
-        now = time.monotonic()
-        if (known is not None and known[0] == since and now - known[2] < _COUNT_FRESH
-                and known[1] + _count_margin(cap) < cap):
-            return int(known[1])
-        log = MessageLog.__table__.c
-        bounded = (select(log.id).where(log.seller_id == seller_id, log.at >= since,
-                                        log.proactive.is_(True), log.decision == "accepted")
-                   .limit(cap + 1).subquery())
-        stmt = select(func.count()).select_from(bounded)
-        if self.cache is not None:        # serving: the hot path's reads (Core, one thread hand-off)
-            count = int((await self.cache.reads.all(stmt))[0][0])
-        else:
+        within ``_count_margin(cap)`` of the cap every message counts again.  A count reads only
+        the rows after the last one it saw (their ids), and the whole day again every
+        ``_FULL_RECOUNT`` seconds, so its cost follows the new rows, not the day's volume; one
+        count per seller runs at a time, the messages that ask meanwhile share it.  Like the
+        exact count, it cannot see messages other processes are accepting at the same instant."""
+        if self.cache is None:            # a command: one exact count in its own session
             async with self.sessions.kw["bind"].connect() as conn:
-                count = int((await conn.execute(stmt)).scalar_one())
-        if self.cache is not None:
-            if len(self._proactive) > 100_000:
-                self._proactive.clear()
-            self._proactive[seller_id] = [since, count, now]
-        return count
+                return int((await conn.execute(_proactive_count(seller_id, since, cap))).one()[0])
+        known = self._proactive.get(seller_id)
+        now = time.monotonic()
+        if (known is not None and known.since == since and now - known.read_at < _COUNT_FRESH
+                and known.total + _count_margin(cap) < cap):
+            return known.total
+        running = self._counting.get(seller_id)
+        if running is None:
+            running = asyncio.ensure_future(self._count_proactive(seller_id, since, cap, known, now))
+            self._counting[seller_id] = running
+            running.add_done_callback(lambda _: self._counting.pop(seller_id, None))
+        return await asyncio.shield(running)
+
+    async def _count_proactive(self, seller_id: int, since: float, cap: int, known: _DayCount | None,
+                               now: float) -> int:
+        assert self.cache is not None
+        if known is not None and known.since == since and now - known.full_at < _FULL_RECOUNT:
+            added, top = (await self.cache.reads.all(_proactive_count(seller_id, since, None, known.last_id)))[0]
+            fresh = _DayCount(since, known.counted + int(added), top if top is not None else known.last_id,
+                              known.full_at, now)
+        else:
+            counted, top = (await self.cache.reads.all(_proactive_count(seller_id, since, cap)))[0]
+            fresh = _DayCount(since, int(counted), top if top is not None else 0, now, now)
+        if len(self._proactive) > 100_000:
+            self._proactive.clear()
+        self._proactive[seller_id] = fresh
+        return fresh.total
 
     def note_proactive(self, seller_id: int, at: float) -> None:
         """A proactive message of the seller, accepted at ``at``, was just committed here."""
         known = self._proactive.get(seller_id)
-        if known is not None and known[0] <= at < known[0] + _DAY:
-            known[1] += 1
+        if known is not None and known.since <= at < known.since + _DAY:
+            known.noted += 1
 
     async def _recent_orders(self, seller_id: int, since: float) -> int:
         """How many orders the seller received since ``since``.  Cached as the placing times of
