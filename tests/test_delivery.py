@@ -383,3 +383,15 @@ async def test_a_host_name_with_like_wildcards_claims_only_its_own_spool(tmp_pat
             await s.execute(update(QueueItem).where(QueueItem.id == qid).values(spool_path=path))
     claimed = await claim(sessions, "node-a", 10, 60)
     assert [c.id for c in claimed] == ["qmine"]
+
+
+def test_queue_ids_sort_by_acceptance_time_and_do_not_repeat():
+    # Time-ordered ids put each message's rows at the right-hand edge of the queue-id indexes.
+    from bsm_relay.relay.queue import new_queue_id
+    earlier = [new_queue_id() for _ in range(2000)]
+    time.sleep(0.002)
+    later = new_queue_id()
+    assert len(set(earlier)) == 2000
+    assert all(len(q) == 20 and q[0] == "q" and int(q[1:], 16) >= 0 for q in earlier)
+    assert max(earlier) < later                       # a later millisecond sorts after
+    assert sorted(q[:12] for q in earlier) == [q[:12] for q in earlier]   # the time part never goes back

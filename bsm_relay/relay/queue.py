@@ -32,7 +32,11 @@ from .models import MessageEvent, QueueItem, QueueRecipient
 
 
 def new_queue_id() -> str:
-    return "q" + secrets.token_hex(6)
+    """``q``, the time in milliseconds (11 hex digits), 32 random bits.  The ids sort by acceptance
+    time, so a message's rows go to the right-hand edge of the indexes on queue ids (the queue's
+    own, the recipients', the log's and the events') rather than to a random page of each: fewer
+    pages read and written per group commit (about a fifth, measured with strace)."""
+    return f"q{time.time_ns() // 1_000_000:011x}{secrets.token_hex(4)}"
 
 
 Unit = Callable[[AsyncSession], Awaitable[Any]]
@@ -247,18 +251,65 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
                 table, values = obj if isinstance(obj, Row) else (type(obj).__table__, _values(obj))
                 rows.setdefault((table, frozenset(values)), []).append(values)
     for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
-        conn.execute(_insert(key[0]), rows[key])
+        _execute(conn, _insert(key[0]), rows[key], key[1])
     for entry in entries:
         if isinstance(entry, Accepted):
             for work in entry.after:
                 work(conn)
     done = [e for e in entries if isinstance(e, Delivered)]
     if done:
-        conn.execute(_RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
-        conn.execute(_ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
-                                   "b_body": d.header_block} for d in done])
-        conn.execute(_EVENTS.insert(), [d.event for d in done])
+        _execute(conn, _RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
+        _execute(conn, _ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
+                                     "b_body": d.header_block} for d in done])
+        events: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for d in done:
+            events.setdefault(frozenset(d.event), []).append(d.event)
+        for keys, group in events.items():
+            _execute(conn, _EVENTS.insert(), group, keys)
     return [_claim_rows(conn, e) if isinstance(e, Claim) else None for e in entries]
+
+
+def _execute(conn: Connection, stmt: Any, rows: list[dict[str, Any]], keys: frozenset[str] | None = None) -> None:
+    """``conn.execute(stmt, rows)`` (an executemany).  On SQLite the statement is compiled once
+    and the rows go to the driver as tuples, in the same transaction: SQLAlchemy's per-row work
+    (parameters, defaults, type processing) cost several times SQLite's own for these INSERTs and
+    UPDATEs, whose values the driver takes as they are (str, bytes, int, float, bool, None).
+    ``keys``: an INSERT's columns (rows of one INSERT share them)."""
+    if conn.dialect.name != "sqlite" or not rows:
+        conn.execute(stmt, rows)
+        return
+    sql, names, defaults = _sqlite_statement(conn, stmt, keys)
+    cursor = conn.connection.dbapi_connection.cursor()     # type: ignore[union-attr]
+    try:
+        cursor.executemany(sql, [tuple(r[n] if n in r else defaults[n] for n in names) for r in rows])
+    finally:
+        cursor.close()
+
+
+_SQLITE_STATEMENTS: dict[tuple[Any, frozenset[str] | None], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+
+def _sqlite_statement(conn: Connection, stmt: Any,
+                      keys: frozenset[str] | None) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """The SQL of ``stmt`` for the SQLite driver, its parameters' order, and the scalar defaults
+    of the columns an INSERT's rows leave out (what SQLAlchemy would have filled in)."""
+    found = _SQLITE_STATEMENTS.get((stmt, keys))
+    if found is None:
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=sorted(keys) if keys is not None else None)
+        names = tuple(compiled.positiontup or ())
+        # Values the statement holds itself (``.values(status="delivered")``), then the INSERT
+        # columns the rows leave out; a parameter the rows must give (``bindparam("b_id")``) has none.
+        defaults = {name: value for name, value in compiled.params.items()
+                    if not compiled.binds[name].required}
+        table = getattr(stmt, "table", None)
+        for name in names:
+            if keys is not None and name not in keys and table is not None and name in table.c:
+                default = table.c[name].default
+                if default is None or not default.is_scalar:
+                    raise ValueError(f"no scalar default for {name}")   # a programming error
+                defaults[name] = default.arg
+        found = _SQLITE_STATEMENTS[(stmt, keys)] = (compiled.string, names, defaults)
+    return found
 
 
 _FAILED = object()
