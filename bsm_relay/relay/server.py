@@ -154,7 +154,8 @@ class Running:
         if s.tls.implicit_listen and self.tls is not None:
             ihost, iport = split_host_port(s.tls.implicit_listen, 465)
             self.servers.append(await loop.create_server(
-                protocol_factory(self.relay, self.gate, tls_label="implicit", handler=self.handler), ihost, iport, ssl=self.tls.front,
+                protocol_factory(self.relay, self.gate, tls_label="implicit", handler=self.handler),
+                ihost, iport, ssl=self.tls.front,
                 ssl_handshake_timeout=min(60.0, s.smtp.timeout), reuse_address=True, reuse_port=reuse_port))
 
     async def reload(self) -> None:
