@@ -179,9 +179,8 @@ def _verify_all(message: bytes, signatures: list[_Signature], keys: dict[str, by
 
 
 async def _check_dkim(
-    resolver: dns.asyncresolver.Resolver, message: bytes, time_limit: float,
+    resolver: dns.asyncresolver.Resolver, message: bytes, signatures: list[_Signature], time_limit: float,
 ) -> list[tuple[str, DkimResult]]:
-    signatures = _signatures(message)
     if not signatures:
         return []
     fetched = await _fetch_keys(resolver, {s.key_name for s in signatures if s.key_name}, time_limit)
@@ -235,11 +234,17 @@ async def check_sender(
 
     async def spf() -> SpfOutcome:
         try:
-            return await asyncio.wait_for(check_mail_from(resolver, client_ip, helo, mail_from), time_limit)
+            async with asyncio.timeout(time_limit):       # no task of its own, unlike wait_for
+                return await check_mail_from(resolver, client_ip, helo, mail_from)
         except TimeoutError:
             return SpfOutcome("temperror", spf_domain, scope, "time limit")
 
-    spf_outcome, dkim_results = await asyncio.gather(spf(), _check_dkim(resolver, message, time_limit))
+    signatures = _signatures(message)
+    if signatures:
+        spf_outcome, dkim_results = await asyncio.gather(spf(), _check_dkim(resolver, message, signatures,
+                                                                             time_limit))
+    else:   # nothing to verify: SPF alone, without the tasks gather() would make for the two
+        spf_outcome, dkim_results = await spf(), []
     spf_aligned = _aligned(spf_outcome.domain, from_domain)
     aligned = (spf_outcome.result == "pass" and spf_aligned) or any(
         result == "pass" and _aligned(domain, from_domain) for domain, result in dkim_results)

@@ -139,10 +139,10 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
             raise _GoneBeforeData(str(exc)) from exc     # nothing was accepted: safe to send again
         assert client.protocol is not None
         if spooled is None:
-            client.protocol.write(data)
+            client.protocol.write(data + b".\r\n")     # one write (a system call) with the final dot
         else:
             await _write_spooled(client.protocol, spooled)
-        client.protocol.write(b".\r\n")
+            client.protocol.write(b".\r\n")
         end = await client.protocol.read_response(timeout=client.timeout)
         if end.code != 250:
             raise aiosmtplib.SMTPDataError(end.code, end.message)
