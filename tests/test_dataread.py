@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsm_relay.relay.dataread import LINE_LIMIT, read_data
+from bsm_relay.relay.dataread import LINE_LIMIT, _Lines, read_data
 
 AFTER = b"MAIL FROM:<next@example.org>\r\n"
 
@@ -141,3 +141,20 @@ def test_same_as_line_by_line(tokens, cuts):
     data, rest = read(wire, cuts)
     if data.refusal is None:
         assert (data.content, rest) == want
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 500, LINE_LIMIT - 2, LINE_LIMIT - 1, LINE_LIMIT, LINE_LIMIT + 1, 3000]),
+                min_size=1, max_size=30),
+       st.booleans(), st.lists(st.integers(min_value=1, max_value=5000), max_size=8))
+def test_the_long_line_check_matches_line_by_line_across_pieces(lengths, final_lf, cuts):
+    # _Lines jumps through large pieces a window at a time instead of splitting them into lines.
+    stream = b"\n".join(b"x" * n for n in lengths) + (b"\n" if final_lf else b"")
+    lines = stream.split(b"\n")
+    complete, partial = lines[:-1], lines[-1]
+    want = any(len(line) + 1 > LINE_LIMIT for line in complete) or len(partial) > LINE_LIMIT
+    check = _Lines()
+    edges = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    for start, end in zip(edges, edges[1:]):
+        check.feed(stream[start:end])
+    assert check.too_long is want
