@@ -70,6 +70,8 @@ class StorageSettings:
     # Storage faults (issue 8): SQLite lock wait before 451 4.3.0; free bytes below which MAIL gets 452 4.3.1.
     busy_timeout: float = 30.0
     min_free_bytes: int = 0         # 0: not checked
+    # Finished queue items, log rows and delivery events older than this are deleted (relay/history.py).
+    history_days: float = 30.0      # 0: kept forever
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,8 @@ def validate(settings: Settings) -> None:
     storage = settings.storage
     if storage.busy_timeout <= 0 or storage.min_free_bytes < 0:
         raise ConfigError("[storage] busy_timeout must be more than 0 and min_free_bytes 0 or more")
+    if storage.history_days < 0:
+        raise ConfigError("[storage] history_days must be 0 (keep everything) or more")
     if storage.database_schema:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", storage.database_schema):
             raise ConfigError("[storage] database_schema must be a plain identifier (letters, digits, _)")

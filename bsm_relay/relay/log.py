@@ -35,6 +35,8 @@ EVENTS = frozenset({
     "queue.backpressure",
     # a warning or error a library wrote through the standard ``logging`` module (``_Bridge``)
     "library.log",
+    # history older than [storage] history_days deleted (relay/history.py)
+    "history.purged",
 })
 
 _ADDRESS = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.-]+\.?", re.ASCII)

@@ -26,7 +26,7 @@ import dns.resolver
 from ..aliases import keys as keyring
 from ..config import settings as config
 from ..config.settings import Settings, split_host_port
-from . import db, log, metrics, sdnotify, tls
+from . import db, history, log, metrics, sdnotify, tls
 from .context import Relay
 from .delivery import Deliverer, make_target
 from .dkim import DkimSigner
@@ -253,6 +253,8 @@ async def serve(settings: Settings) -> None:
     interval = sdnotify.watchdog_interval()
     if interval:
         background.add(asyncio.create_task(_watchdog(interval)))
+    sweeping = asyncio.Event()
+    sweeper = asyncio.create_task(history.sweeper(relay, sweeping), name="history")
     host, port = settings.listen_host_port
     logger.info("relay.started", listen=f"{host}:{port}", delivery=settings.delivery.mode,
                 config=settings.source, alias_domain=settings.aliases.domain, pid=os.getpid(),
@@ -270,6 +272,8 @@ async def serve(settings: Settings) -> None:
         await deliverer.stop(max(0.0, deadline - loop.time()))
         for task in background:
             task.cancel()
+        sweeping.set()                    # between two batches, never inside one
+        await sweeper
         if relay_metrics is not None:
             await relay_metrics.stop()
         await relay.enqueuer.stop()
