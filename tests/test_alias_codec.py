@@ -7,7 +7,7 @@ import secrets
 import pytest
 
 from bsm_relay.aliases import keys as keyring
-from bsm_relay.aliases.codec import AliasCodec, Direction
+from bsm_relay.aliases.codec import AliasCodec, AliasRef, Direction
 from bsm_relay.aliases.routing import Kind, route
 
 
@@ -103,3 +103,25 @@ def test_rotation_keeps_old_aliases_resolving(tmp_path):
 ])
 def test_routing(address, kind):
     assert route(address, "marketplace.example", frozenset({"mx.relay.test"})).kind is kind
+
+
+def test_kept_tokens_answer_as_the_cipher_does_and_forged_ones_are_not_kept(monkeypatch):
+    # encode/decode keep what they computed (AES-SIV is deterministic): the kept answers must be
+    # the cipher's, a full store starts again, and a forged token is never kept.
+    import bsm_relay.aliases.codec as codec_module
+    monkeypatch.setattr(codec_module, "_KEPT", 50)
+    key = secrets.token_bytes(64)
+    codec = AliasCodec({1: key}, 1)
+    for _ in range(3):
+        for seller in range(1, 80):
+            token = codec.encode(Direction.TO_BUYER, seller, seller + 7)
+            fresh = AliasCodec({1: key}, 1)       # nothing kept: the cipher's own answer
+            assert token == fresh.encode(Direction.TO_BUYER, seller, seller + 7)
+            assert codec.decode(token) == AliasCodec({1: key}, 1).decode(token) == \
+                AliasRef(Direction.TO_BUYER, seller, seller + 7, 1)
+        assert len(codec._encoded) <= 50 and len(codec._decoded) <= 50
+    token = codec.encode(Direction.TO_SELLER, 5, 6)
+    kept = len(codec._decoded)
+    forged = token[:-1] + ("a" if token[-1] != "a" else "b")
+    assert codec.decode(forged) is None and codec.decode(forged) is None
+    assert forged not in codec._decoded and len(codec._decoded) == kept

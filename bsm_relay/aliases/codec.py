@@ -67,6 +67,9 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
+_KEPT = 50_000     # tokens each way a codec keeps (dropped all at once when full)
+
+
 class AliasCodec:
     """Encode with the current key; decode with any known key."""
 
@@ -80,15 +83,37 @@ class AliasCodec:
                 raise ValueError("AES-SIV keys are 32, 48 or 64 bytes")
         self._ciphers = {kid: AESSIV(key) for kid, key in keys.items()}
         self._current = current
+        # AES-SIV is deterministic and the keys of a codec never change: both directions are pure
+        # functions, kept for the pairs in use (each costs a cipher call and base32 per message).
+        # Only tokens that resolved are kept, so forged ones cannot crowd them out.
+        self._encoded: dict[tuple[int, int, int], str] = {}
+        self._decoded: dict[str, AliasRef] = {}
 
     def encode(self, direction: Direction, seller_id: int, buyer_id: int) -> str:
-        plain = bytes([direction]) + _varint(seller_id) + _varint(buyer_id)
-        sealed = self._ciphers[self._current].encrypt(plain, _AAD)
-        raw = bytes([self._current]) + sealed
-        return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+        key = (int(direction), seller_id, buyer_id)
+        token = self._encoded.get(key)
+        if token is None:
+            plain = bytes([direction]) + _varint(seller_id) + _varint(buyer_id)
+            sealed = self._ciphers[self._current].encrypt(plain, _AAD)
+            raw = bytes([self._current]) + sealed
+            token = base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+            if len(self._encoded) >= _KEPT:
+                self._encoded.clear()
+            self._encoded[key] = token
+        return token
 
     def decode(self, token: str) -> AliasRef | None:
         """The pair behind ``token``, or None for anything forged, altered or unknown."""
+        ref = self._decoded.get(token)
+        if ref is None:
+            ref = self._decode(token)
+            if ref is not None:
+                if len(self._decoded) >= _KEPT:
+                    self._decoded.clear()
+                self._decoded[token] = ref
+        return ref
+
+    def _decode(self, token: str) -> AliasRef | None:
         if not 28 <= len(token) <= MAX_LOCAL_PART or not token.isascii():
             return None
         text = token.upper()
