@@ -208,3 +208,30 @@ def test_syntax_errors(record: str) -> None:
         for term in record_terms.terms:
             if term.spec:
                 expand(ctx, term.spec, "b.example")
+
+
+async def test_outcome_cache_keeps_outcomes_for_its_ttl_but_never_a_temporary_error(monkeypatch) -> None:
+    # The serving relay's OutcomeCache: a sender's next message within ttl is not evaluated again
+    # (no query at all: the resolver here keeps no cache), a temperror always is, and an outcome
+    # past its ttl is evaluated afresh.
+    from bsm_relay.relay import spf
+    clock = [1000.0]
+    monkeypatch.setattr(spf.time, "monotonic", lambda: clock[0])
+    async with DnsServer(ZONE, servfail={"tempfail.example"}) as server:
+        resolver = rdns.make_resolver([server.nameserver], timeout=1.0)
+        cache = spf.OutcomeCache(ttl=10.0)
+        first = await cache.check(resolver, "192.0.2.1", "helo.example", "bob@pass.example")
+        asked = len(server.queries)
+        assert first.result == "pass" and asked >= 1
+        assert await cache.check(resolver, "192.0.2.1", "HELO.example", "bob@pass.example") == first
+        assert len(server.queries) == asked
+        # Another client address is another question.
+        assert (await cache.check(resolver, "198.51.100.1", "helo.example", "bob@pass.example")).result == "fail"
+        asked = len(server.queries)
+        for _ in range(2):
+            assert (await cache.check(resolver, "192.0.2.1", "helo.example", "bob@tempfail.example")).result == "temperror"
+        assert len(server.queries) > asked + 1          # asked again: never kept
+        asked = len(server.queries)
+        clock[0] += 10.0
+        assert (await cache.check(resolver, "192.0.2.1", "helo.example", "bob@pass.example")).result == "pass"
+        assert len(server.queries) > asked               # past its ttl: evaluated afresh

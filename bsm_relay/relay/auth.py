@@ -31,7 +31,7 @@ import dns.asyncresolver
 from publicsuffixlist import PublicSuffixList
 
 from . import dns as rdns
-from .spf import SpfOutcome, SpfResult, check_mail_from
+from .spf import OutcomeCache, SpfOutcome, SpfResult, check_mail_from
 
 __all__ = ["AuthResult", "DkimResult", "check_sender", "org_domain"]
 
@@ -222,12 +222,14 @@ async def check_sender(
     from_domain: str,
     message: bytes,
     time_limit: float = 20.0,
+    spf_outcomes: OutcomeCache | None = None,
 ) -> AuthResult:
     """SPF for the envelope sender and DKIM for the message, aligned against ``from_domain``.
 
     SPF and the DKIM key lookups run concurrently; each is bounded by ``time_limit``
     seconds overall (and every single lookup by the resolver's own timeout), and
-    running out of time counts as DNS trouble.
+    running out of time counts as DNS trouble.  ``spf_outcomes``: the serving relay's
+    short-lived SPF outcomes (:class:`spf.OutcomeCache`).
     """
     from_domain = from_domain.strip().rstrip(".").lower()
     spf_domain, scope = _envelope_domain(mail_from, helo)
@@ -235,6 +237,8 @@ async def check_sender(
     async def spf() -> SpfOutcome:
         try:
             async with asyncio.timeout(time_limit):       # no task of its own, unlike wait_for
+                if spf_outcomes is not None:
+                    return await spf_outcomes.check(resolver, client_ip, helo, mail_from)
                 return await check_mail_from(resolver, client_ip, helo, mail_from)
         except TimeoutError:
             return SpfOutcome("temperror", spf_domain, scope, "time limit")

@@ -15,6 +15,7 @@ from ..aliases.keys import KeyRing
 from ..config.settings import Settings
 from .log import Redactor
 from .queue import Enqueuer
+from .spf import OutcomeCache
 from .store import Store
 from .verp import BounceAddressCodec
 
@@ -39,6 +40,11 @@ class Relay:
 
     def alias(self, direction: Direction, seller_id: int, buyer_id: int) -> str:
         return f"{self.codec.encode(direction, seller_id, buyer_id)}@{self.settings.aliases.domain}"
+
+    @cached_property
+    def spf_outcomes(self) -> OutcomeCache:
+        """SPF outcomes of the last seconds: a sender's next messages are not evaluated again."""
+        return OutcomeCache()
 
     @cached_property
     def loop_marker(self) -> str:

@@ -267,7 +267,8 @@ async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[De
         return ACCEPT, None
     domain = address.rpartition("@")[2].rstrip(".").lower()
     result = await auth.check_sender(resolver=relay.resolver, client_ip=tx.client_ip, helo=tx.helo,
-                                     mail_from=tx.mail_from, from_domain=domain, message=tx.content)
+                                     mail_from=tx.mail_from, from_domain=domain, message=tx.content,
+                                     spf_outcomes=relay.spf_outcomes)
     if result.reason == "auth.failed":
         decision = refuse("auth.failed", address=address, domain=domain)
     else:

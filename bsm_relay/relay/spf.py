@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
@@ -433,6 +434,31 @@ async def check_host(
     except PermError as exc:
         return SpfOutcome("permerror", domain, reason=str(exc))
     return SpfOutcome(result, domain, reason=ctx.matched)
+
+
+class OutcomeCache:
+    """SPF outcomes by (client IP, HELO, MAIL FROM), kept ``ttl`` seconds: a sender's every
+    message would otherwise evaluate the same record again (the DNS answers are cached, the
+    evaluation and the resolver's machinery are not).  A temporary error is never kept; a record
+    changed in DNS is seen at most ``ttl`` seconds later than the DNS cache alone would show it."""
+
+    def __init__(self, ttl: float = 10.0, size: int = 20_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._kept: dict[tuple[str, str, str], tuple[float, SpfOutcome]] = {}
+
+    async def check(self, resolver: dns.asyncresolver.Resolver, ip: str, helo: str, mail_from: str) -> SpfOutcome:
+        key = (ip, helo.lower(), mail_from)
+        now = time.monotonic()
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        outcome = await check_mail_from(resolver, ip, helo, mail_from)
+        if outcome.result != "temperror":
+            if len(self._kept) >= self.size:
+                self._kept.clear()
+            self._kept[key] = (now + self.ttl, outcome)
+        return outcome
 
 
 async def check_mail_from(resolver: dns.asyncresolver.Resolver, ip: str, helo: str, mail_from: str) -> SpfOutcome:
