@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from email.errors import HeaderParseError, MessageError
 from email.header import decode_header, make_header
 from enum import StrEnum
+from functools import lru_cache
 from urllib.parse import unquote, urlsplit
 
 from .decision import ACCEPT, Decision, refuse
@@ -100,11 +101,17 @@ _URL_TRAILING = ".,;:!?)]}*_~"
 
 def _parties_re(parties: Parties | Iterable[str]) -> re.Pattern[str] | None:
     addresses = parties.all() if isinstance(parties, Parties) else tuple(parties)
-    addresses = tuple(a for a in addresses if a)
+    return _addresses_re(frozenset(a for a in addresses if a))
+
+
+@lru_cache(maxsize=4096)
+def _addresses_re(addresses: frozenset[str]) -> re.Pattern[str] | None:
+    """One pattern per set of addresses (a pair's messages and parts share it)."""
     if not addresses:
         return None
-    # Longest first, so one address that contains another is masked whole.
-    ordered = sorted(set(addresses), key=len, reverse=True)
+    # Longest first, so one address that contains another is masked whole; ties in a fixed
+    # order (the same set always gives the same pattern).
+    ordered = sorted(addresses, key=lambda a: (-len(a), a))
     return re.compile("|".join(re.escape(a) for a in ordered), re.IGNORECASE)
 
 

@@ -123,8 +123,11 @@ def _header_block(message: bytes) -> bytes:
 
 def _signatures(message: bytes) -> list[_Signature]:
     """The DKIM-Signature headers, in order (only the header block is parsed, on the loop)."""
+    block = _header_block(message)
+    if b"dkim-signature" not in block.lower():      # most mail to the relay is unsigned: no parse
+        return []
     try:
-        headers, _ = dkim.rfc822_parse(_header_block(message))
+        headers, _ = dkim.rfc822_parse(block)
     except dkim.DKIMException:
         return []
     found: list[_Signature] = []
