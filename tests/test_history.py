@@ -88,3 +88,37 @@ def test_a_negative_window_is_refused_at_start(tmp_path):
         load(str(config))
     config.write_text(f'[storage]\nstate_dir = "{tmp_path}"\nhistory_days = 0\n')
     assert load(str(config)).storage.history_days == 0
+
+
+def test_spool_files_no_queue_row_names_are_removed_once_an_hour_old(tmp_path):
+    import os
+
+    from bsm_relay.relay import spool
+    sink = Sink()                    # never started: the downstream is down, the message stays queued
+    relay = make_relay(tmp_path, sink_port=sink.port, extra="\n[auth]\nsender_authentication = \"none\"\n")
+    relay.config.write_text(relay.config.read_text().replace("[queue]\n", "[queue]\nspool_threshold = 1024\n", 1))
+    alias = seed_pair(relay)["buyer_alias"]
+    relay.start()
+    try:
+        with relay.smtp() as c:
+            c.sendmail(DEMO_SELLER, [alias], message(DEMO_SELLER, alias, body="A long line of text.\r\n" * 200))
+    finally:
+        assert relay.stop() == 0
+    directory = tmp_path / "state" / spool.host_prefix()
+    [queued] = list(directory.iterdir())            # the queued message's own file
+    orphan = directory / "q00000000000deadbeef-00000000.eml"   # a crash's leftover: no row names it
+    fresh = directory / "q00000000001deadbeef-00000001.eml"    # as young as an acceptance in progress
+    orphan.write_bytes(b"Subject: left behind\r\n\r\nx\r\n")
+    fresh.write_bytes(b"Subject: being accepted\r\n\r\nx\r\n")
+    two_hours_ago = time.time() - 7200
+    for path in (queued, orphan):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    relay.start()
+    try:
+        until(lambda: not orphan.exists(), "the orphaned spool file removed")
+        assert queued.exists() and fresh.exists()
+        assert len(json.loads(relay.cli("queue", "list", "--json").stdout)) == 1
+    finally:
+        assert relay.stop() == 0
+    purged = [json.loads(line) for line in relay.log().splitlines() if '"history.purged"' in line]
+    assert [p["spool_files"] for p in purged] == [1]

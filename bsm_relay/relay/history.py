@@ -8,22 +8,27 @@ finished queue items (their recipients go with them), log rows and delivery even
 a time in the group commit (the process's one writer), so that no sweep holds the database for
 long.  Items still queued or on hold are never touched, however old; nor are the marketplace's
 own tables (sellers, buyers, orders, reply threads).
+
+The same sweep removes this host's spool files that no queue row names once an hour old (a crash
+between a file's fsync and its row's commit leaves one; docs/decisions/0011).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import log
+from . import log, spool
 from .models import MessageEvent, MessageLog, QueueItem
 
 SWEEP_INTERVAL = 600.0
 BATCH = 2000
+ORPHAN_AGE = 3600.0        # a spool file no row names is removed once this old
 _DAY = 86400.0
 
 _QUEUE = QueueItem.__table__
@@ -62,6 +67,26 @@ async def sweep(relay: Any, now: float | None = None, stopping: asyncio.Event | 
     return deleted
 
 
+async def sweep_spool(relay: Any, now: float | None = None) -> int:
+    """Remove this host's spool files that no queue row names and that are older than
+    ``ORPHAN_AGE``: a crash between a file's fsync and its row's commit leaves one (the sender got
+    no 250 and sends again), as does a row deleted behind the relay's back.  An acceptance in
+    progress holds its file for seconds, never an hour.  Returns the files removed."""
+    state = Path(relay.settings.state_dir)
+    old = await asyncio.to_thread(spool.old_files, state, ORPHAN_AGE, time.time() if now is None else now)
+    if not old:
+        return 0
+    named: set[str] = set()
+    for start in range(0, len(old), 500):
+        async with relay.sessions() as s:
+            named.update(p for (p,) in await s.execute(
+                select(_QUEUE.c.spool_path).where(_QUEUE.c.spool_path.in_(old[start:start + 500]))))
+    orphans = [relative for relative in old if relative not in named]
+    for relative in orphans:
+        await asyncio.to_thread(spool.remove, state, relative)
+    return len(orphans)
+
+
 async def sweeper(relay: Any, stopping: asyncio.Event, interval: float = SWEEP_INTERVAL) -> None:
     """``serve``'s background task: a sweep at start, then one every ``interval`` seconds, until
     ``stopping`` is set (between two sweeps or batches, never inside a transaction)."""
@@ -69,6 +94,7 @@ async def sweeper(relay: Any, stopping: asyncio.Event, interval: float = SWEEP_I
     while not stopping.is_set():
         try:
             deleted = await sweep(relay, stopping=stopping)
+            deleted["spool_files"] = await sweep_spool(relay)
         except Exception as exc:   # database trouble: tried again at the next interval
             logger.error("store.error", stage="history", error_type=type(exc).__name__,
                          error=log.error_line(exc))

@@ -80,6 +80,24 @@ def remove(state_dir: Path, relative: str | None) -> None:
             pass
 
 
+def old_files(state_dir: Path, older_than: float, now: float) -> list[str]:
+    """This host's spool files last written more than ``older_than`` seconds before ``now``, as
+    relative paths (what a queue row names).  For the sweep of files no row names any more."""
+    try:
+        entries = list(os.scandir(state_dir / SPOOL_DIR / _HOST))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            if entry.name.endswith(".eml") and entry.is_file(follow_symlinks=False) \
+                    and entry.stat(follow_symlinks=False).st_mtime < now - older_than:
+                found.append(f"{host_prefix()}{entry.name}")
+        except OSError:
+            continue
+    return found
+
+
 def line_pieces(read: Callable[[int], bytes], chunk: int = CHUNK) -> Iterator[bytes]:
     """What ``read(chunk)`` returns, cut after the last CRLF of each read (the rest goes with the
     next piece): every piece holds whole lines, only the last may lack its CRLF."""
