@@ -353,7 +353,7 @@ class MxTarget:
             result.merge(await self._send_domain(domain, envelope_from, rcpts, body))
         return result
 
-    async def _send_domain(self, domain: str, envelope_from: str, rcpts: list[str], body: bytes) -> Result:
+    async def _send_domain(self, domain: str, envelope_from: str, rcpts: list[str], body: bytes | Spooled) -> Result:
         try:
             hosts = await mx.resolve_targets(self.resolver, domain)
         except mx.PermanentDnsFailure as exc:
