@@ -116,6 +116,17 @@ class Sink:
         raise AssertionError(f"expected {count} delivered messages, got {len(self.messages)}")
 
 
+def until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 _RUNNING: list[subprocess.Popen[bytes]] = []
 
 

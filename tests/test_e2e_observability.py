@@ -24,7 +24,7 @@ from email.utils import formatdate
 import pytest
 import structlog
 from dnsserver import DnsServer
-from helpers import RelayProcess, Sink, free_port, make_relay
+from helpers import RelayProcess, Sink, free_port, make_relay, until
 
 from bsm_relay.relay import log
 from bsm_relay.relay.log import EVENTS
@@ -68,16 +68,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
-
-
-def until(condition, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_lines(relay: RelayProcess) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from helpers import DEMO_SELLER, Sink, make_relay, message, seed_pair
+from helpers import DEMO_SELLER, Sink, make_relay, message, seed_pair, until
 
 from bsm_relay.config.settings import ConfigError, load
 
@@ -22,16 +22,6 @@ def counts(relay) -> dict[str, int]:
             "recipients": q("SELECT count(*) FROM queue_recipients")[0][0],
             "log": q("SELECT count(*) FROM message_log")[0][0],
             "events": q("SELECT count(*) FROM message_events")[0][0]}
-
-
-def until(predicate, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_history_older_than_the_window_is_deleted_and_the_rest_kept(tmp_path):
