@@ -5,6 +5,8 @@ counts, one read per seller at a time; on SQLite and PostgreSQL alike."""
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import dbtest
 import pytest
@@ -55,7 +57,7 @@ async def add_rows(sessions, n: int, *, seller: int = 1, at: float = DAY + 60, p
 async def test_far_from_the_cap_only_new_rows_are_read_between_whole_day_counts(serving, monkeypatch):
     st, sessions, reads = serving
     clock = [1000.0]
-    monkeypatch.setattr(store.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(store, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     await add_rows(sessions, 30)
     await add_rows(sessions, 5, proactive=False)               # replies: not counted
     await add_rows(sessions, 4, decision="refused")            # refused: not counted
@@ -86,7 +88,7 @@ async def test_far_from_the_cap_only_new_rows_are_read_between_whole_day_counts(
 
 async def test_near_the_cap_every_message_reads_and_the_count_stops_past_the_cap(serving, monkeypatch):
     st, sessions, reads = serving
-    monkeypatch.setattr(store.time, "monotonic", lambda: 1000.0)    # time stands still
+    monkeypatch.setattr(store, "time", SimpleNamespace(monotonic=lambda: 1000.0, time=time.time))  # still
     await add_rows(sessions, 12)
     assert await st._proactive_today(1, DAY, 20) == 12
     await add_rows(sessions, 1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from types import SimpleNamespace
 
 import pytest
+from dnsserver import DnsServer
 
 from bsm_relay.relay import dns as rdns
 from bsm_relay.relay.spf import PermError, _Context, check_host, check_mail_from, expand, parse_record
-from dnsserver import DnsServer
 
 ZONE: dict[tuple[str, str], list[str]] = {
     ("pass.example", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"],
@@ -216,7 +217,8 @@ async def test_outcome_cache_keeps_outcomes_for_its_ttl_but_never_a_temporary_er
     # past its ttl is evaluated afresh.
     from bsm_relay.relay import spf
     clock = [1000.0]
-    monkeypatch.setattr(spf.time, "monotonic", lambda: clock[0])
+    # Only the cache's clock: the event loop (and the resolver's timeouts) keep the real one.
+    monkeypatch.setattr(spf, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     async with DnsServer(ZONE, servfail={"tempfail.example"}) as server:
         resolver = rdns.make_resolver([server.nameserver], timeout=1.0)
         cache = spf.OutcomeCache(ttl=10.0)
