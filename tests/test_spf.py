@@ -231,7 +231,8 @@ async def test_outcome_cache_keeps_outcomes_for_its_ttl_but_never_a_temporary_er
         assert (await cache.check(resolver, "198.51.100.1", "helo.example", "bob@pass.example")).result == "fail"
         asked = len(server.queries)
         for _ in range(2):
-            assert (await cache.check(resolver, "192.0.2.1", "helo.example", "bob@tempfail.example")).result == "temperror"
+            outcome = await cache.check(resolver, "192.0.2.1", "helo.example", "bob@tempfail.example")
+            assert outcome.result == "temperror"
         assert len(server.queries) > asked + 1          # asked again: never kept
         asked = len(server.queries)
         clock[0] += 10.0
