@@ -430,8 +430,13 @@ class Store:
         if running is None:
             running = asyncio.ensure_future(self._count_proactive(seller_id, since, cap, known, now))
             self._counting[seller_id] = running
-            running.add_done_callback(lambda _: self._counting.pop(seller_id, None))
+            running.add_done_callback(lambda done: self._count_done(seller_id, done))
         return await asyncio.shield(running)
+
+    def _count_done(self, seller_id: int, done: asyncio.Future[int]) -> None:
+        self._counting.pop(seller_id, None)
+        if not done.cancelled():
+            done.exception()      # retrieved: the messages that asked raise it (or all went away)
 
     async def _count_proactive(self, seller_id: int, since: float, cap: int, known: _DayCount | None,
                                now: float) -> int:
