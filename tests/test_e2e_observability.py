@@ -325,6 +325,8 @@ def test_metrics_move_when_messages_pass(relay, run, metrics_port):
 def test_library_records_become_redacted_json_events():
     # SQLAlchemy's pool, asyncio and aiosmtpd write through the standard logging module.
     out = io.StringIO()
+    root, mail_log = logging.getLogger(), logging.getLogger("mail.log")
+    levels = root.level, mail_log.level
     log.configure("json", "info", log.Redactor(b"k" * 32, "marketplace.example"), stream=out)
     try:
         try:
@@ -334,9 +336,10 @@ def test_library_records_become_redacted_json_events():
         logging.getLogger("mail.log").warning("%r unrecognised: %s", ("127.0.0.1", 1), BUYER)
         logging.getLogger("asyncio").info("below the threshold")
     finally:   # this test process's other tests keep the default configuration
-        root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, log._Bridge)]:
             root.removeHandler(handler)
+        root.setLevel(levels[0])
+        mail_log.setLevel(levels[1])
         structlog.reset_defaults()
     [line] = out.getvalue().splitlines()
     event = json.loads(line)
