@@ -67,7 +67,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
-_KEPT = 50_000     # tokens each way a codec keeps (dropped all at once when full)
+_KEPT = 20_000     # tokens each way a codec keeps (dropped all at once when full): a few MB
 
 
 class AliasCodec:
