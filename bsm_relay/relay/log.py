@@ -120,13 +120,13 @@ def configure(fmt: str = "auto", level: str = "info", redactor: Redactor | None 
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        # A traceback becomes text before the redactor reads the event: exception messages (a
+        # database error's parameters, say) can hold addresses.
+        structlog.processors.format_exc_info,
     ]
     if redactor is not None:
         processors.append(redactor)
-    if fmt == "json":
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    else:
-        processors.append(structlog.dev.ConsoleRenderer())
+    processors.append(structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer())
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, Select, Table, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -645,13 +645,5 @@ async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: b
              "last_error": r.last_error, "recipients": by_item.get(r.id, [])} for r in rows]
 
 
-async def purge_done(sessions: async_sessionmaker[AsyncSession], older_than: float) -> int:
-    async with sessions.begin() as s:
-        res = await s.execute(delete(QueueItem).where(and_(QueueItem.status == "done",
-                                                           QueueItem.next_attempt_at < older_than)))
-        return res.rowcount or 0
-
-
 __all__ = ["Accepted", "Claimed", "Delivered", "release_dead_leases", "Enqueuer", "StorageError", "claim",
-           "record_attempt", "record_error", "add_notice", "get_item", "admin", "list_items", "new_queue_id",
-           "purge_done"]
+           "record_attempt", "record_error", "add_notice", "get_item", "admin", "list_items", "new_queue_id"]
