@@ -1,7 +1,7 @@
 """``make bench``: bsm-relay (full pipeline) and Postfix (an equivalent, simpler hop) side by side.
 
 Both get the same load from ``bench/load.py`` (open connections reused; it times end of DATA ->
-250) and relay to the same kind of sink (Postfix's ``smtp-sink``, which counts deliveries).
+250) and relay to a sink of their own (Postfix's ``smtp-sink``, which counts deliveries).
 bsm-relay runs as in production: ``bsm-relay init`` then ``serve --workers <cores>``, with
 sender authentication (SPF against the benchmark's own DNS server, tests/dnsserver.py),
 policy, rewrite, DKIM signing and its durable SQLite queue.
@@ -191,9 +191,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bsm-bench-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
-        sink = SmtpSink(work)
-        relay = Relay(work, sink.port, nameserver, args.workers)
-        postfix = Postfix(work, sink.port, SELLER, relay.alias, BUYER)
+        # A sink for each: a case ends when its own deliveries are counted, so the other
+        # program's late deliveries never end it early (its backlog would then run into the next case).
+        sinks = {"bsm-relay": SmtpSink(work, "relay-sink"), "postfix": SmtpSink(work, "postfix-sink")}
+        relay = Relay(work, sinks["bsm-relay"].port, nameserver, args.workers)
+        postfix = Postfix(work, sinks["postfix"].port, SELLER, relay.alias, BUYER)
         try:
             relay.start()
             postfix.start()
@@ -205,7 +207,7 @@ def main() -> int:
                     runs: dict[str, list[dict]] = {"bsm-relay": [], "postfix": []}
                     for _ in range(repeat):
                         for name, target in (("bsm-relay", relay), ("postfix", postfix)):
-                            runs[name].append(measure(target, sink, SELLER, relay.alias, message, n, conns))
+                            runs[name].append(measure(target, sinks[name], SELLER, relay.alias, message, n, conns))
                             print(f"  {name:9} {size // 1024:>3} KB x{conns:<2} {runs[name][-1]['delivered_per_s']:>8} "
                                   f"msg/s delivered, p99 {runs[name][-1]['p99_ms']} ms", file=sys.stderr)
                     for name, samples in runs.items():
@@ -219,14 +221,15 @@ def main() -> int:
                 runs = {"bsm-relay": [], "postfix": []}
                 for _ in range(repeat):
                     for name, target in (("bsm-relay", relay), ("postfix", postfix)):
-                        runs[name].append(measure(target, sink, mail_from, relay.alias, refused, refusals, 20))
+                        runs[name].append(measure(target, sinks[name], mail_from, relay.alias, refused, refusals, 20))
                 for name, samples in runs.items():
                     rows.append({"target": name, "size": 2048, "connections": 20, "kind": kind,
                                  **median_run(samples, "refused_per_s")})
         finally:
             relay.stop()
             postfix.stop()
-            sink.stop()
+            for sink in sinks.values():
+                sink.stop()
             dns.kill()
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

@@ -86,9 +86,9 @@ def peak_kb(root: int) -> int:
 class SmtpSink:
     """Postfix's smtp-sink, counting completed DATA commands (``-c``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, name: str = "sink") -> None:
         self.port = free_port()
-        self.out = workdir / "sink.out"
+        self.out = workdir / f"{name}.out"
         self.proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
                                      stdout=open(self.out, "wb"), stderr=subprocess.STDOUT)
         wait_port(self.port)
