@@ -12,7 +12,7 @@ import pytest
 
 from bsm_relay.policy.content import ContentRules, mask_part
 from bsm_relay.relay import mime
-from bsm_relay.relay.headers import split_message
+from bsm_relay.relay.headers import crlf_only, split_message
 
 RULES = ContentRules()
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<<>>\n%%EOF\n"
@@ -251,3 +251,22 @@ def test_a_large_attachment_keeps_its_first_bytes_and_its_whole_size():
     (attachment,) = mime.parse(header, body).attachments
     assert attachment.length == len(pdf) and len(attachment.data) == 1 << 16
     assert sniff(attachment.data) is Kind.PDF
+
+
+@pytest.mark.parametrize("inserted", ["\r", "\x00", "\n"])
+def test_rewritten_text_with_a_bare_cr_or_nul_goes_out_quoted_printable(inserted: str) -> None:
+    # Delivery sends queued bodies as they are, so the re-encoded text must be CRLF lines
+    # without NUL even when the new text holds such characters (a charset such as UTF-16, a
+    # decoded =0D): a plain 7bit part becomes quoted-printable rather than carry them raw.
+    raw = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+           b"write to bob@example.com\r\nbye\r\n")
+    header, body = split(raw)
+    out = mime.rewrite_texts(mime.parse(header, body), lambda part: part.text.replace("bob", "b" + inserted))
+    assert crlf_only(out.body)
+    if inserted == "\n":       # a line break: a line like any other, the part stays as it was
+        assert out.headers == {} and out.body == b"write to b\r\n@example.com\r\nbye\r\n"
+    else:
+        assert out.headers == {"Content-Transfer-Encoding": "quoted-printable"}
+        decoded = email.message_from_bytes(mime.replace_header_lines(header, out.headers) + b"\r\n" + out.body,
+                                           policy=email.policy.default).get_payload(decode=True)
+        assert decoded == ("write to b" + inserted + "@example.com\r\nbye\r\n").encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,7 +15,7 @@ from ..aliases.codec import AliasCodec, Direction
 from ..aliases.keys import KeyRing
 from ..config.settings import Settings
 from .log import Redactor
-from .queue import Enqueuer
+from .queue import Accepted, Enqueuer
 from .spf import OutcomeCache
 from .store import Store
 from .verp import BounceAddressCodec
@@ -33,6 +34,9 @@ class Relay:
     bounces: BounceAddressCodec
     # One async resolver for every lookup (SPF, DKIM keys), on [dns] nameservers and timeout.
     resolver: dns.asyncresolver.Resolver
+    # The serving process's delivery, handed each accepted message to send at once from memory
+    # (``Deliverer.hand_off``); None where nothing delivers (commands, tests of intake alone).
+    hand_off: Callable[[Accepted], None] | None = None
 
     def bounce_address(self, queue_id: str) -> str:
         """The signed envelope sender a forwarded message leaves with (VERP style)."""

@@ -31,7 +31,16 @@ from . import log, mx, spool
 from .dkim import DkimSigner, body_hash_relaxed
 from .headers import DOT_ATOM, split_message
 from .notify import Failure, may_notify, notice_rows
-from .queue import Claimed, Enqueuer, claim, record_attempt, record_error, release_dead_leases
+from .queue import (
+    Accepted,
+    Claimed,
+    Enqueuer,
+    claim,
+    lease_at_insert,
+    record_attempt,
+    record_error,
+    release_dead_leases,
+)
 from .retry import backoff, delay_notice_due, enhanced_status, expired
 from .spool import Spooled
 
@@ -96,11 +105,6 @@ class MaildirTarget:
 
 class _Temporary(Exception):
     pass
-
-
-def _crlf_only(body: bytes) -> bool:
-    crlf = body.count(b"\r\n")
-    return body.count(b"\r") == crlf and body.count(b"\n") == crlf
 
 
 async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
@@ -232,10 +236,9 @@ async def smtp_send(client: aiosmtplib.SMTP, envelope_from: str, recipients: Seq
     if envelope_from == "<>":   # the null sender as aiosmtpd records it (postmaster mail from <>)
         envelope_from = ""
     try:
-        if isinstance(body, Spooled) or _crlf_only(body):
-            errors = await _send_stuffed(client, envelope_from, recipients, body)
-        else:
-            errors, _ = await client.sendmail(envelope_from, list(recipients), body)
+        # Queued bodies are CRLF lines without NUL (``headers.crlf_only``, checked where their
+        # bytes are made): sent as they are, dot-stuffed, without a second pass to check them.
+        errors = await _send_stuffed(client, envelope_from, recipients, body)
         for rcpt in recipients:
             if rcpt in errors:
                 code, text = errors[rcpt].code, errors[rcpt].message
@@ -427,6 +430,7 @@ class Deliverer:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.log = log.get()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._reserved = 0                  # slots promised to messages being committed (hand_off)
         self._backlog = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -454,7 +458,7 @@ class Deliverer:
             self.log.error("store.error", stage="release_leases", error_type=type(exc).__name__,
                            error=log.error_line(exc))
         while not self._stopping.is_set():
-            free = self.settings.delivery.workers - len(self._inflight)
+            free = self.settings.delivery.workers - len(self._inflight) - self._reserved
             items: list[Claimed] = []
             if free > 0:
                 try:
@@ -465,9 +469,7 @@ class Deliverer:
             # Every slot taken: more may be due, so a finished delivery asks again at once.
             self._backlog = free <= 0 or len(items) == free
             for item in items:
-                task = asyncio.create_task(self._deliver(item))
-                self._inflight.add(task)
-                task.add_done_callback(self._finished)
+                self._start(item)
             if items and len(items) == free:
                 await asyncio.sleep(0)
                 continue
@@ -476,6 +478,30 @@ class Deliverer:
                 await asyncio.wait_for(self.wakeup.wait(), self.settings.delivery.poll_interval)
             except TimeoutError:
                 pass
+
+    def hand_off(self, accepted: Accepted) -> None:
+        """Deliver ``accepted``'s items as soon as they are committed, from memory, if a worker is
+        free for each: they are inserted leased to this process (``queue.lease_at_insert``), so
+        no claim reads and rewrites them and no poll waits for them.  Otherwise (every worker
+        busy, stopping) they are queued as usual and claimed when a worker frees up."""
+        count = len(accepted.items)
+        if (not count or self._stopping.is_set()
+                or len(self._inflight) + self._reserved + count > self.settings.delivery.workers):
+            return
+        self._reserved += count
+        claimed = lease_at_insert(accepted, self.owner, time.time() + self.settings.queue.lease)
+
+        def settled(committed: bool) -> None:
+            self._reserved -= count
+            if committed:
+                for item in claimed():
+                    self._start(item)
+        accepted.settled.append(settled)
+
+    def _start(self, item: Claimed) -> None:
+        task = asyncio.create_task(self._deliver(item))
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -21,6 +21,7 @@ __all__ = [
     "AmbiguousFrom",
     "Header",
     "Mailbox",
+    "crlf_only",
     "MalformedHeader",
     "MissingFrom",
     "get_all",
@@ -32,6 +33,15 @@ __all__ = [
     "split_message",
     "split_offsets",
 ]
+
+
+def crlf_only(data: bytes) -> bool:
+    """Every line break is CRLF and there is no NUL (docs/decisions/0003).  Every body the relay
+    queues passes this where its bytes are made: intake checks what the client sent, the rewrite
+    checks what it re-encodes, and everything else is built from CRLF lines; delivery then sends
+    queued bodies as they are."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf and data.count(b"\n") == crlf and b"\0" not in data
 
 
 class MalformedHeader(ValueError):
@@ -94,8 +104,7 @@ def parse_headers(block: bytes) -> list[Header]:
     """Parse a header block (as returned by :func:`split_message`) into fields, in order."""
     if not block:
         return []
-    crlf = block.count(b"\r\n")
-    if block.count(b"\r") != crlf or block.count(b"\n") != crlf or b"\0" in block:
+    if not crlf_only(block):
         raise MalformedHeader("bare CR, bare LF or NUL in the header block")
     # Splitting on CRLF and walking the lines is several times faster here than a regex.
     lines = block.split(b"\r\n")

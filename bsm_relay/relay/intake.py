@@ -28,6 +28,7 @@ from .headers import (
     AmbiguousFrom,
     MalformedHeader,
     MissingFrom,
+    crlf_only,
     get_all,
     parse_from,
     parse_headers,
@@ -95,14 +96,9 @@ class Transaction:
     local: bool = False
 
 
-def _bad_line_endings(content: bytes) -> bool:
-    crlf = content.count(b"\r\n")
-    return content.count(b"\r") != crlf or content.count(b"\n") != crlf or b"\x00" in content
-
-
 async def process(relay: Relay, tx: Transaction) -> Outcome:
     """Decide on one message; on acceptance, return only after the rows are committed."""
-    if _bad_line_endings(tx.content):
+    if not crlf_only(tx.content):
         return Outcome(refuse("msg.bad_line_ending"))
     block_end, body_start = split_offsets(tx.content)     # offsets: a large body is not copied
     try:
@@ -190,6 +186,8 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         outcome = await bounce_in.handle(relay, rcpt.bounce_of, tx.mail_from, tx.content)
         first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
     if acc.items:
+        if relay.hand_off is not None:
+            relay.hand_off(acc)           # delivered from memory once committed, if a worker is free
         try:
             await relay.enqueuer.commit(acc)
         except BaseException:

@@ -326,9 +326,12 @@ def _encode(leaf: Leaf, text: str, original: bytes) -> tuple[bytes, dict[str, st
         encoded = base64.encodebytes(b"\r\n".join(lines)).replace(b"\n", b"\r\n")
     elif cte == "quoted-printable":
         encoded = _qp(lines)
-    elif (data.isascii() or cte in ("8bit", "binary")) and all(len(line) <= _MAX_LINE for line in lines):
+    elif ((data.isascii() or cte in ("8bit", "binary")) and all(len(line) <= _MAX_LINE for line in lines)
+          and data.count(b"\r") == data.count(b"\r\n") and b"\0" not in data):
         encoded = b"\r\n".join(lines)
     else:
+        # Long lines, or bytes a line of text cannot hold as they are (a bare CR, a NUL: a
+        # charset such as UTF-16 makes them): quoted-printable, which writes them as =0D, =00.
         encoded = _qp(lines)
         fields["Content-Transfer-Encoding"] = "quoted-printable"
     # Keep whether the content ended with a line break: it decides the blank line

@@ -232,6 +232,7 @@ async def serve(settings: Settings) -> None:
     deliverer = Deliverer(settings, relay.sessions, make_target(settings, relay.resolver), relay.enqueuer.wakeup,
                           signer=load_signer(settings), writer=relay.enqueuer)
     deliverer.start()
+    relay.hand_off = deliverer.hand_off
     running = Running(relay, contexts)
     stop = asyncio.Event()
     background: set[asyncio.Task[None]] = set()

@@ -1,0 +1,103 @@
+"""Accepted messages handed to the serving process's delivery (``Deliverer.hand_off``): inserted
+already leased, delivered from memory once committed, without a claim or a poll; queued as
+usual when no worker is free; a failed commit gives its workers back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+from delivery_harness import ALIASES, BUYERS, body, settings_for, sessions  # noqa: F401
+from helpers import Sink
+
+from bsm_relay.relay.delivery import Deliverer, SmarthostTarget
+from bsm_relay.relay.models import QueueItem, QueueRecipient
+from bsm_relay.relay.queue import Accepted, Enqueuer, StorageError, list_items, row
+
+
+@pytest.fixture
+def sink():
+    with Sink() as s:
+        yield s
+
+
+def accepted(qid: str, address: str = BUYERS[0], alias: str = ALIASES[0]) -> Accepted:
+    now = time.time()
+    return Accepted(
+        items=[row(QueueItem, id=qid, kind="forward", envelope_from="b-x@marketplace.example",
+                   origin_sender="seller@acme.example", body=body(qid, address), size=100, created_at=now,
+                   next_attempt_at=now, attempts=0, status="queued", session_id="s1")],
+        recipients=[row(QueueRecipient, queue_id=qid, address=address, alias=alias, status="pending")])
+
+
+async def until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def running(tmp_path, sink, sessions):  # noqa: F811
+    """An enqueuer and one delivery worker that never polls and is never woken: only what is
+    handed off can reach the sink."""
+    settings = settings_for(tmp_path, sink.port)
+    settings = dataclasses.replace(settings, delivery=dataclasses.replace(
+        settings.delivery, workers=1, poll_interval=3600.0))
+    enqueuer = Enqueuer(sessions)
+    enqueuer.start()
+    deliverer = Deliverer(settings, sessions, SmarthostTarget(settings), asyncio.Event(), writer=enqueuer)
+    deliverer.start()
+    await asyncio.sleep(0.1)          # past its first (empty) claim
+    yield enqueuer, deliverer
+    await deliverer.stop()
+    await enqueuer.stop()
+
+
+async def delivered(sessions, qid: str) -> bool:  # noqa: F811
+    rows = {r["id"]: r for r in await list_items(sessions, include_done=True)}
+    return qid in rows and rows[qid]["status"] == "done"
+
+
+async def test_a_handed_off_message_is_delivered_without_a_claim_or_a_poll(running, sink, sessions):  # noqa: F811
+    enqueuer, deliverer = running
+    acc = accepted("qhand1")
+    deliverer.hand_off(acc)
+    assert acc.leased and acc.items[0].values["lease_owner"] == deliverer.owner
+    await enqueuer.commit(acc)
+    await until(lambda: delivered(sessions, "qhand1"))
+    assert [m.rcpt_tos for m in sink.messages] == [[BUYERS[0]]]
+    rows = await list_items(sessions, include_done=True)
+    assert rows[0]["attempts"] == 1 and rows[0]["recipients"][0]["status"] == "delivered"
+
+
+async def test_with_every_worker_busy_the_message_is_queued_unleased(running, sessions):  # noqa: F811
+    _, deliverer = running
+    first, second = accepted("qbusy1"), accepted("qbusy2")
+    deliverer.hand_off(first)           # takes the one worker until its commit settles
+    deliverer.hand_off(second)
+    assert first.leased and not second.leased
+    assert "lease_owner" not in second.items[0].values
+
+
+async def test_a_failed_commit_gives_the_worker_back(running, sink, sessions):  # noqa: F811
+    enqueuer, deliverer = running
+    ok = accepted("qdup")
+    deliverer.hand_off(ok)
+    await enqueuer.commit(ok)
+    await until(lambda: delivered(sessions, "qdup"))
+    again = accepted("qdup")             # the same queue id: the INSERT fails
+    deliverer.hand_off(again)
+    assert again.leased
+    with pytest.raises(StorageError):
+        await enqueuer.commit(again)
+    # Were the failed message's worker still promised, this one would be queued unleased, and
+    # nothing here would ever claim it (no poll, no wake-up).
+    after = accepted("qafter", BUYERS[1], ALIASES[1])
+    deliverer.hand_off(after)
+    assert after.leased
+    await enqueuer.commit(after)
+    await until(lambda: delivered(sessions, "qafter"))
+    assert sorted(m.rcpt_tos[0] for m in sink.messages) == sorted([BUYERS[0], BUYERS[1]])
