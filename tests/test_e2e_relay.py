@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import json
 import smtplib
+import time
 
 import pytest
 from helpers import DEMO_BUYER, DEMO_SELLER, RelayProcess, make_relay, message, seed_pair, serving
+
+from bsm_relay.relay.delivery import HAND_OFF_MIN
 
 SELLER = DEMO_SELLER
 SELLER_ALT = "orders@acme.example"
@@ -126,6 +130,26 @@ def test_seller_to_buyer_delivered_and_scrubbed_then_reply_threads(relay, sink, 
     assert msg3["In-Reply-To"] == "<reply-1@buyer-host.example.org>"
     assert msg3["References"].split() == [f"<{minted}>", "<reply-1@buyer-host.example.org>"]
 
+
+def test_a_large_message_is_delivered_once_and_intact(relay, sink, aliases):
+    # 100 KB: over delivery.HAND_OFF_MIN, so the serving process delivers it straight from memory.
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 300
+    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+    data = (f"From: Acme Books <{SELLER}>\r\nTo: {aliases['buyer']}\r\nSubject: Your invoice\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=bb\r\n\r\n--bb\r\n"
+            "Content-Type: text/plain\r\n\r\nThe invoice is attached.\r\n--bb\r\n"
+            "Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+            'Content-Disposition: attachment; filename="invoice.pdf"\r\n\r\n').encode() + encoded + b"--bb--\r\n"
+    assert len(data) > HAND_OFF_MIN
+    before = len(sink.messages)
+    send(relay, SELLER, [aliases["buyer"]], data)
+    got = sink.wait_for(before + 1)[before:]
+    assert [m.rcpt_tos for m in got] == [[BUYER]]
+    msg = email.message_from_bytes(got[0].data, policy=email.policy.default)
+    attachment = next(msg.iter_attachments())
+    assert attachment.get_content() == pdf
+    time.sleep(0.5)
+    assert len(sink.messages) == before + 1          # delivered once
 
 def test_unapproved_sender_refused_recorded_pending_then_approved(relay, sink, aliases):
     before = len(sink.messages)

@@ -414,6 +414,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# Accepted rows at least this large are handed to delivery at once (``Deliverer.hand_off``).
+HAND_OFF_MIN = 64 * 1024
+
+
 class Deliverer:
     """Claims due items and delivers them, at most ``workers`` at a time."""
 
@@ -483,9 +487,14 @@ class Deliverer:
         """Deliver ``accepted``'s items as soon as they are committed, from memory, if a worker is
         free for each: they are inserted leased to this process (``queue.lease_at_insert``), so
         no claim reads and rewrites them and no poll waits for them.  Otherwise (every worker
-        busy, stopping) they are queued as usual and claimed when a worker frees up."""
+        busy, stopping) they are queued as usual and claimed when a worker frees up.
+
+        Only rows of at least ``HAND_OFF_MIN`` bytes (docs/decisions/0016): the claim rewrites a
+        row whole, which costs more than the hand-off saves only for large ones; smaller messages
+        went slower handed off (their deliveries then start in the middle of the group's replies)."""
         count = len(accepted.items)
         if (not count or self._stopping.is_set()
+                or any(len(item.values["body"]) < HAND_OFF_MIN for item in accepted.items)
                 or len(self._inflight) + self._reserved + count > self.settings.delivery.workers):
             return
         self._reserved += count
