@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
@@ -200,6 +201,35 @@ class Reads:
     def __init__(self, engine: AsyncEngine, sync_engine: Engine | None) -> None:
         self._engine = engine
         self._sync = sync_engine
+        self._here: sqlite3.Connection | None = None
+        self._here_failed = False
+
+    def at_once(self, sql: str) -> list[tuple[Any, ...]] | None:
+        """``sql``, a read of a row or two by primary key, run right here on the event loop; None
+        when the database is not SQLite or cannot answer without waiting (the caller then awaits
+        :meth:`all`).  A thread hand-off costs about 170 µs of CPU on a slow VM, such a read about
+        13 µs.  The connection never waits: ``busy_timeout`` 0 (a database locked exclusively or
+        being recovered answers SQLITE_BUSY at once) and ``query_only``."""
+        if self._sync is None or self._here_failed:
+            return None
+        try:
+            if self._here is None:
+                here = sqlite3.connect(str(self._sync.url.database), isolation_level=None, check_same_thread=False)
+                here.execute("PRAGMA busy_timeout=0")
+                here.execute("PRAGMA query_only=1")
+                self._here = here
+            return self._here.execute(sql).fetchall()
+        except sqlite3.Error:
+            if self._here is None:
+                self._here_failed = True       # cannot even open it here: the thread path from now on
+            else:                              # busy, or the file in trouble: a new connection next time
+                self.close()
+            return None
+
+    def close(self) -> None:
+        if self._here is not None:
+            self._here.close()
+            self._here = None
 
     async def all(self, stmt: Executable, params: dict[str, Any] | None = None) -> Sequence[Row[Any]]:
         if self._sync is not None:

@@ -189,6 +189,8 @@ class Enqueuer:
             self._task = None
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+        if self._reads is not None:
+            self._reads.close()
 
     async def commit(self, accepted: Accepted | Delivered) -> None:
         """Returns once the rows are durably committed; raises if they are not."""

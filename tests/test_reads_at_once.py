@@ -1,0 +1,84 @@
+"""``Reads.at_once``: the facts counter read right on the event loop on SQLite (no thread
+hand-off), never waiting for a lock; the facts cache falls back to the shared read otherwise."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import dbtest
+import pytest
+from sqlalchemy import create_engine, update
+
+from bsm_relay.relay import db
+from bsm_relay.relay.factcache import _GENERATION_SQL, FactsCache
+from bsm_relay.relay.models import FactsGeneration
+
+
+@pytest.fixture
+async def reads(tmp_path):
+    database = dbtest.fresh(tmp_path)
+    engine = database.engine()
+    await db.migrate(engine)
+    sync = db.make_sync_writer_engine(database.engine_url)
+    r = db.Reads(engine, sync)
+    yield r, db.sessionmaker(engine), sync
+    r.close()
+    await engine.dispose()
+    if sync is not None:
+        sync.dispose()
+    await database.adrop()
+
+
+async def bump(sessions) -> None:  # type: ignore[no-untyped-def]
+    async with sessions.begin() as s:
+        await s.execute(update(FactsGeneration).values(value=FactsGeneration.value + 1))
+
+
+async def test_the_counter_is_read_here_on_sqlite_and_follows_every_commit(reads):
+    r, sessions, sync = reads
+    if sync is None:                       # PostgreSQL: nothing is read on the loop
+        assert r.at_once(_GENERATION_SQL) is None
+        return
+    first = r.at_once(_GENERATION_SQL)
+    assert first is not None
+    await bump(sessions)
+    assert r.at_once(_GENERATION_SQL) == [(first[0][0] + 1,)]
+
+
+def test_a_locked_database_is_not_waited_for(tmp_path):
+    path = tmp_path / "locked.db"
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE facts_generation (id INTEGER PRIMARY KEY, value INTEGER)")
+    setup.execute("INSERT INTO facts_generation VALUES (1, 1)")
+    setup.commit()
+    setup.close()
+    # Another connection takes the database for itself (exclusive locking mode holds the WAL
+    # index too) and lets go a second later: had the read waited (a busy timeout), it would have
+    # returned the row after that second instead of giving up at once.
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE facts_generation SET value = 2")
+    holder.execute("COMMIT")
+    reads = db.Reads(None, create_engine(f"sqlite:///{path}"))  # type: ignore[arg-type]
+    release = threading.Timer(1.0, holder.close)
+    release.start()
+    try:
+        assert reads.at_once(_GENERATION_SQL) is None
+    finally:
+        release.join()
+    assert reads.at_once(_GENERATION_SQL) == [(2,)]      # free again: read here once more
+    reads.close()
+
+
+async def test_the_cache_uses_the_shared_read_when_the_loop_read_gives_up(reads, monkeypatch):
+    r, sessions, _ = reads
+    monkeypatch.setattr(r, "at_once", lambda sql: None)
+    cache = FactsCache(r)
+    await cache.refresh()
+    before = cache.generation
+    await bump(sessions)
+    await cache.refresh()
+    assert cache.generation == before + 1
