@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import signal
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -397,3 +399,29 @@ def test_clients_that_connect_and_close_at_once_do_not_hold_session_slots(tmp_pa
     assert first.cmd("EHLO ok.test").startswith("250")
     assert second.cmd("QUIT").startswith("221")
     assert relay.stop() == 0
+
+
+def test_the_state_init_creates_is_the_relay_users_alone(tmp_path, sink):
+    # Real addresses and queued messages live in the database: whatever the umask, a state
+    # directory and SQLite file that init creates are readable by the relay's user only, and
+    # SQLite's -wal and -shm files, made while serving, take the database file's mode.
+    old = os.umask(0o022)
+    try:
+        relay, alias = seeded(tmp_path, sink)
+    finally:
+        os.umask(old)
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    database = relay.database.sqlite_path if relay.database is not None else None
+    if database is None:                 # PostgreSQL: no database file here
+        return
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    start(relay)
+    try:
+        with relay.smtp() as c:
+            c.sendmail(SELLER, [alias], mail(alias))
+        sink.wait_for(1)
+        side = list(database.parent.glob(database.name + "-*"))
+        assert side and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in side)
+    finally:
+        relay.stop()

@@ -58,7 +58,15 @@ def _parse_time(value: str | None) -> float | None:
 
 async def cmd_init(s: config.Settings, args: argparse.Namespace) -> None:
     state = Path(s.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    # The database holds real addresses and queued messages: a state directory and a SQLite file
+    # that init creates are the relay user's alone, whatever the umask (an existing one is left
+    # as its owner set it).  systemd/bsm-relay.service also runs with UMask=0077.
+    if not state.exists():
+        state.mkdir(mode=0o700, parents=True)
+    database = db.sqlite_file(s.database_url)
+    if database is not None and not database.exists():
+        database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        database.touch(mode=0o600)      # SQLite gives its -wal and -shm files the same mode
     _, created = keyring.ensure(state)
     engine = db.make_engine(s.database_url)
     try:

@@ -1,5 +1,6 @@
-"""``Reads.at_once``: the facts counter read right on the event loop on SQLite (no thread
-hand-off), never waiting for a lock; the facts cache falls back to the shared read otherwise."""
+"""The relay's SQLite connections: ``Reads.at_once`` reads the facts counter right on the event
+loop (no thread hand-off) and never waits for a lock, the facts cache falls back to the shared
+read otherwise; every connection's pragmas (durability, freed pages not zeroed)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,25 @@ async def test_the_cache_uses_the_shared_read_when_the_loop_read_gives_up(reads,
     await bump(sessions)
     await cache.refresh()
     assert cache.generation == before + 1
+
+
+async def test_every_relay_connection_is_durable_and_does_not_zero_freed_pages(tmp_path):
+    # WAL + synchronous=FULL: a committed row is on disk before the 250.  secure_delete=FAST
+    # (decision 0017): a delivered body cut to its header block frees its overflow pages without
+    # writing them again as zeros (Debian's SQLite zeroes them by default: 1).
+    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    engine = db.make_engine(url)
+    sync = db.make_sync_writer_engine(url)
+    assert sync is not None
+    try:
+        await db.migrate(engine)
+        async with engine.connect() as conn:
+            seen = [(await conn.exec_driver_sql(f"PRAGMA {p}")).scalar() for p in
+                    ("journal_mode", "synchronous", "secure_delete")]
+        with sync.connect() as conn:
+            seen_sync = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in
+                         ("journal_mode", "synchronous", "secure_delete")]
+    finally:
+        await engine.dispose()
+        sync.dispose()
+    assert seen == seen_sync == ["wal", 2, 2]        # FULL is 2; FAST is 2
