@@ -143,10 +143,10 @@ def write_lock(url: str) -> Callable[[], AbstractAsyncContextManager[None]] | No
     beside the database (waited for in a thread, never on the event loop) and are handed the
     database in turn the moment it is free.  PostgreSQL needs none: None.
     """
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+    database = sqlite_file(url)
+    if database is None:
         return None
-    path = Path(parsed.database).with_name(Path(parsed.database).name + ".writelock")
+    path = database.with_name(database.name + ".writelock")
     fd: list[int] = []
 
     @asynccontextmanager
@@ -188,9 +188,9 @@ def make_sync_writer_engine(url: str) -> Engine | None:
     with, in one hand-off to a thread per group instead of one per statement (every statement
     through aiosqlite is a thread hop and an event-loop wake-up, and under load each wake-up
     waits behind the sessions' work).  PostgreSQL: None (asyncpg is the only driver)."""
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+    if sqlite_file(url) is None:
         return None
+    parsed = make_url(url)
     busy = float(str(parsed.query.get("timeout", "30")))
     engine = create_engine(parsed.set(drivername="sqlite").difference_update_query(["timeout"]),
                            connect_args={"timeout": busy, "check_same_thread": False},
