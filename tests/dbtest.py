@@ -8,7 +8,8 @@ each other's rows; the schemas a test process made are dropped when it ends (and
 
 Everything in the tests that opens the relay's database goes through here: the relay's
 ``[storage]`` lines (:meth:`TestDatabase.toml`), an engine for the delivery harness
-(:meth:`TestDatabase.engine`) and read-only queries from end-to-end tests (:meth:`TestDatabase.query`).
+(:meth:`TestDatabase.engine`), the serving relay's hot reads on a migrated database
+(:func:`serving_reads`) and read-only queries from end-to-end tests (:meth:`TestDatabase.query`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import secrets
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,23 @@ def fresh(state_dir: Path, url: str | None = None) -> TestDatabase:
     with _created_lock:
         _created.append((url, schema))
     return TestDatabase(url, schema)
+
+
+@asynccontextmanager
+async def serving_reads(state_dir: Path, reads_class: type[db.Reads] = db.Reads) -> AsyncIterator[tuple[db.Reads, Any]]:
+    """A fresh migrated database and the serving relay's hot reads on it (``reads_class``: a
+    subclass that records what it reads), with a session maker: (reads, sessions).  Everything
+    is closed and the database dropped at the end."""
+    database = fresh(state_dir)
+    engine = database.engine()
+    await db.migrate(engine)
+    sync = db.make_sync_writer_engine(database.engine_url)
+    reads = reads_class(engine, sync)
+    try:
+        yield reads, db.sessionmaker(engine)
+    finally:
+        reads.close()
+        await engine.dispose()
+        if sync is not None:
+            sync.dispose()
+        await database.adrop()

@@ -270,3 +270,15 @@ def test_rewritten_text_with_a_bare_cr_or_nul_goes_out_quoted_printable(inserted
         decoded = email.message_from_bytes(mime.replace_header_lines(header, out.headers) + b"\r\n" + out.body,
                                            policy=email.policy.default).get_payload(decode=True)
         assert decoded == ("write to b" + inserted + "@example.com\r\nbye\r\n").encode()
+
+
+def test_a_re_encoded_part_that_is_not_crlf_lines_is_refused(monkeypatch) -> None:
+    # Delivery trusts queued bodies to be CRLF lines without NUL: should an encoder ever write a
+    # bare LF, the rewrite refuses the message (msg.malformed) rather than queue it.
+    raw = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+           b"write to bob@example.com\r\nbye\r\n")
+    header, body = split(raw)
+    monkeypatch.setattr(mime, "_qp", lambda lines: b"\n".join(lines))
+    with pytest.raises(mime.MalformedMime) as info:
+        mime.rewrite_texts(mime.parse(header, body), lambda part: part.text.replace("bob", "b\x00"))
+    assert info.value.reason == "msg.malformed"

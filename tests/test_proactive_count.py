@@ -35,16 +35,8 @@ class CountingReads(db.Reads):
 
 @pytest.fixture
 async def serving(tmp_path):
-    database = dbtest.fresh(tmp_path)
-    engine = database.engine()
-    await db.migrate(engine)
-    sync = db.make_sync_writer_engine(database.engine_url)
-    reads = CountingReads(engine, sync)
-    yield Store(db.sessionmaker(engine), FactsCache(reads)), db.sessionmaker(engine), reads
-    await engine.dispose()
-    if sync is not None:
-        sync.dispose()
-    await database.adrop()
+    async with dbtest.serving_reads(tmp_path, CountingReads) as (reads, sessions):
+        yield Store(sessions, FactsCache(reads)), sessions, reads
 
 
 async def add_rows(sessions, n: int, *, seller: int = 1, at: float = DAY + 60, proactive: bool = True,

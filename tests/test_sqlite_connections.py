@@ -18,17 +18,8 @@ from bsm_relay.relay.models import FactsGeneration
 
 @pytest.fixture
 async def reads(tmp_path):
-    database = dbtest.fresh(tmp_path)
-    engine = database.engine()
-    await db.migrate(engine)
-    sync = db.make_sync_writer_engine(database.engine_url)
-    r = db.Reads(engine, sync)
-    yield r, db.sessionmaker(engine), sync
-    r.close()
-    await engine.dispose()
-    if sync is not None:
-        sync.dispose()
-    await database.adrop()
+    async with dbtest.serving_reads(tmp_path) as (r, sessions):
+        yield r, sessions
 
 
 async def bump(sessions) -> None:  # type: ignore[no-untyped-def]
@@ -37,8 +28,8 @@ async def bump(sessions) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_the_counter_is_read_here_on_sqlite_and_follows_every_commit(reads):
-    r, sessions, sync = reads
-    if sync is None:                       # PostgreSQL: nothing is read on the loop
+    r, sessions = reads
+    if dbtest.on_postgres():               # PostgreSQL: nothing is read on the loop
         assert r.at_once(_GENERATION_SQL) is None
         return
     first = r.at_once(_GENERATION_SQL)
@@ -75,7 +66,7 @@ def test_a_locked_database_is_not_waited_for(tmp_path):
 
 
 async def test_the_cache_uses_the_shared_read_when_the_loop_read_gives_up(reads, monkeypatch):
-    r, sessions, _ = reads
+    r, sessions = reads
     monkeypatch.setattr(r, "at_once", lambda sql: None)
     cache = FactsCache(r)
     await cache.refresh()

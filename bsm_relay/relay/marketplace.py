@@ -32,7 +32,7 @@ from ..policy.reviews import ReviewRules
 from ..policy.rules import PolicyConfig, assess
 from ..policy.volume import VolumeRules, counts_toward_cap, daily_cap
 from . import mime
-from .headers import Header, crlf_only, get_all
+from .headers import Header, get_all
 from .models import Order as OrderRow
 
 __all__ = ["PolicyOutcome", "check", "policy_config", "policy_order"]
@@ -167,10 +167,9 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     def masked(part: Any) -> str:
         return content_rules.mask_part(part, config.content, parties)[0].text
 
-    rewritten = mime.rewrite_texts(parsed, masked)
-    if rewritten.changed and not crlf_only(rewritten.body):
-        # Never expected (the re-encoding writes CRLF lines only), but delivery sends queued
-        # bodies as they are: what could end a downstream DATA early is refused here instead.
+    try:
+        rewritten = mime.rewrite_texts(parsed, masked)
+    except mime.MalformedMime:      # a re-encoded part that is not CRLF lines: never queued
         return PolicyOutcome(refuse("msg.malformed"), original, order_id, contact_reason, proactive)
     fields = dict(rewritten.headers or {}) if rewritten.changed else {}
     safe_subject = content_rules.mask_subject(subject, parties.all())

@@ -31,6 +31,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 
 from ..policy.facts import Attachment, TextPart
+from .headers import crlf_only
 
 __all__ = ["MAX_DEPTH", "MAX_PARTS", "MalformedMime", "MimeBody", "Leaf", "parse", "rewrite_texts",
            "replace_header_lines"]
@@ -270,7 +271,10 @@ class Rewritten:
 
 
 def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewritten:
-    """Replace each text part for which ``new_text`` returns a different text."""
+    """Replace each text part for which ``new_text`` returns a different text.
+
+    Raises :class:`MalformedMime` should a re-encoded part not be CRLF lines without NUL (the
+    rest of the body was checked at intake: the whole result then is, ``headers.crlf_only``)."""
     pieces: list[bytes] = []
     top_headers: dict[str, str] = {}
     pos = parsed.start
@@ -284,6 +288,10 @@ def rewrite_texts(parsed: MimeBody, new_text: Callable[[TextPart], str]) -> Rewr
             continue
         changed = True
         content, fields = _encode(leaf, text, body[leaf.body_start:leaf.end])
+        if not crlf_only(content):
+            # Never expected (the encodings write CRLF lines only), but delivery sends queued
+            # bodies as they are: what could end a downstream DATA early is refused instead.
+            raise MalformedMime("a re-encoded text part is not CRLF lines")
         pieces.append(body[pos:leaf.header_start])
         if leaf.top:
             top_headers.update(fields)
