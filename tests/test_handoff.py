@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import time
 
+import dbtest
 import pytest
 from delivery_harness import ALIASES, BUYERS, body, sessions, settings_for  # noqa: F401
 from helpers import Sink
@@ -111,3 +112,21 @@ async def test_a_failed_commit_gives_the_worker_back(running, sink, sessions):  
     await enqueuer.commit(after)
     await until(lambda: delivered(sessions, "qafter"))
     assert sorted(m.rcpt_tos[0] for m in sink.messages) == sorted([BUYERS[0], BUYERS[1]])
+
+
+@pytest.mark.skipif(dbtest.on_postgres(), reason="SQLite's statements (PostgreSQL's go through SQLAlchemy's cache)")
+async def test_groups_of_outcomes_reuse_their_compiled_statements(running, sink, sessions):  # noqa: F811
+    # On SQLite the group's statements are compiled once and kept; a statement built anew per group
+    # (the delivery events' INSERT was) missed that cache every time: a compilation per group and
+    # one more cache entry per group for as long as the process ran.
+    from bsm_relay.relay import queue
+    enqueuer, deliverer = running
+    for n in range(4):
+        acc = accepted(f"qstmt{n}")
+        deliverer.hand_off(acc)
+        await enqueuer.commit(acc)
+        await until(lambda n=n: delivered(sessions, f"qstmt{n}"))
+        if n == 0:
+            kept = len(queue._SQLITE_STATEMENTS)
+    assert len(sink.messages) == 4
+    assert len(queue._SQLITE_STATEMENTS) == kept

@@ -305,7 +305,7 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
         for d in done:
             events.setdefault(frozenset(d.event), []).append(d.event)
         for keys, group in events.items():
-            _execute(conn, _EVENTS.insert(), group, keys)
+            _execute(conn, _insert(_EVENTS), group, keys)
     return [_claim_rows(conn, e) if isinstance(e, Claim) else None for e in entries]
 
 
