@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
-from . import log, mx, spool
+from . import log, mx, pipelining, spool
 from .dkim import DkimSigner, body_hash_relaxed
 from .headers import DOT_ATOM, split_message
 from .notify import Failure, may_notify, notice_rows
@@ -136,8 +136,6 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
                 raise aiosmtplib.SMTPResponseException(int(code), text)
             options.append("BODY=8BITMIME")
         try:
-            # No PIPELINING (RFC 2920): aiosmtplib drops a reply that arrives before the previous
-            # one was read, so MAIL, RCPT and DATA wait for their replies one by one.
             errors = await _envelope(client, envelope_from, recipients, options)
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _GoneBeforeData(str(exc)) from exc     # nothing was accepted: safe to send again
@@ -212,7 +210,11 @@ async def _rcpt(client: aiosmtplib.SMTP, recipient: str) -> None:
 
 async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
                     options: list[str]) -> dict[str, aiosmtplib.SMTPResponse]:
-    """MAIL, each RCPT and DATA one at a time: the recipients the server refused."""
+    """MAIL, the RCPTs and DATA (at once where the server offers PIPELINING, else one at a
+    time): the recipients the server refused."""
+    if client.supports_extension("pipelining") and all(
+            _PLAIN_ADDRESS.fullmatch(a) for a in (*recipients, envelope_from) if a):
+        return await _envelope_pipelined(client, envelope_from, recipients, options)
     await _mail(client, envelope_from, options)
     errors: dict[str, aiosmtplib.SMTPResponse] = {}
     for rcpt in recipients:
@@ -224,6 +226,33 @@ async def _envelope(client: aiosmtplib.SMTP, envelope_from: str, recipients: Seq
         raise aiosmtplib.SMTPRecipientsRefused(
             [aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt) for rcpt, r in errors.items()])
     start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    return errors
+
+
+async def _envelope_pipelined(client: aiosmtplib.SMTP, envelope_from: str, recipients: Sequence[str],
+                              options: list[str]) -> dict[str, aiosmtplib.SMTPResponse]:
+    """MAIL, the RCPTs and DATA in one write (RFC 2920), every reply checked."""
+    group = [b"MAIL FROM:<" + envelope_from.encode("ascii") + b">"
+             + b"".join(b" " + o.encode("ascii") for o in options) + b"\r\n"]
+    group += [b"RCPT TO:<" + r.encode("ascii") + b">\r\n" for r in recipients]
+    group.append(b"DATA\r\n")
+    replies = await pipelining.exchange(client, b"".join(group), len(group))
+    mail, start = replies[0], replies[-1]
+    errors = {r: resp for r, resp in zip(recipients, replies[1:-1], strict=True) if resp.code not in (250, 251)}
+    refused = mail.code != 250 or len(errors) == len(recipients)
+    if refused and start.code == 354:
+        # A server that opened DATA without a valid recipient (RFC 2920 3.1 says it must not):
+        # the empty message is ended so that the RSET after the refusal is read as a command.
+        assert client.protocol is not None
+        client.protocol.write(b".\r\n")
+        await client.protocol.read_response(timeout=client.timeout)
+    if mail.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, envelope_from)
+    if len(errors) == len(recipients):
+        raise aiosmtplib.SMTPRecipientsRefused(
+            [aiosmtplib.SMTPRecipientRefused(r.code, r.message, rcpt) for rcpt, r in errors.items()])
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     return errors
