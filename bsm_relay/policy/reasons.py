@@ -26,7 +26,8 @@ class Reason:
     def reply(self, params: Mapping[str, str] | None = None) -> str:
         text = self.text.format_map(_Safe(params or {}))
         # A reply line must stay printable ASCII on one line.
-        text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+        if not (text.isascii() and text.isprintable()):
+            text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
         return f"{self.code} {self.status} {text}"
 
 

@@ -113,7 +113,6 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         # one of our aliases): refused once, and our refusal is not forwarded again (catalogue L2).
         return Outcome(refuse("msg.own_loop"))
     now = time.time()
-    upstream = upstream_delay(headers, now)   # before the rewrite drops the sender side's Received
     aliased = [r for r in tx.recipients if r.ref is not None]
     postmaster = [r for r in tx.recipients if r.ref is None and r.bounce_of is None]
     bounces = [r for r in tx.recipients if r.bounce_of is not None]
@@ -159,6 +158,9 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
                 await _log_refusal(relay, tx, rcpt, verdict.decision, **verdict.log_fields)
                 return Outcome(verdict.decision, log={"alias": rcpt.address, **_ids(rcpt), **verdict.log_fields})
             verdicts.append(verdict)
+    # Past every refusal (a refusal does not need it): the delay the sender side added.
+    upstream = upstream_delay(headers, now)
+    if aliased:
         for rcpt, verdict in zip(aliased, verdicts, strict=True):
             qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
                                        original_ids[0] if original_ids else None, thread_ids,

@@ -291,37 +291,37 @@ def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
                 table, values = obj if isinstance(obj, Row) else (type(obj).__table__, _values(obj))
                 rows.setdefault((table, frozenset(values)), []).append(values)
     for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
-        _execute(conn, _insert(key[0]), rows[key], key[1])
+        execute_rows(conn, insert_of(key[0]), rows[key], key[1])
     for entry in entries:
         if isinstance(entry, Accepted):
             for work in entry.after:
                 work(conn)
     done = [e for e in entries if isinstance(e, Delivered)]
     if done:
-        _execute(conn, _RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
-        _execute(conn, _ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
+        execute_rows(conn, _RCPT_DELIVERED, [{"b_id": rid} for d in done for rid in d.recipient_ids])
+        execute_rows(conn, _ITEM_DONE, [{"b_id": d.item_id, "b_owner": d.owner, "b_at": d.retry_at,
                                      "b_body": d.header_block} for d in done])
         events: dict[frozenset[str], list[dict[str, Any]]] = {}
         for d in done:
             events.setdefault(frozenset(d.event), []).append(d.event)
         for keys, group in events.items():
-            _execute(conn, _insert(_EVENTS), group, keys)
+            execute_rows(conn, insert_of(_EVENTS), group, keys)
     return [_claim_rows(conn, e) if isinstance(e, Claim) else None for e in entries]
 
 
-def _execute(conn: Connection, stmt: Any, rows: list[dict[str, Any]], keys: frozenset[str] | None = None) -> None:
+def execute_rows(conn: Connection, stmt: Any, rows: list[dict[str, Any]], keys: frozenset[str] | None = None) -> int:
     """``conn.execute(stmt, rows)`` (an executemany).  On SQLite the statement is compiled once
     and the rows go to the driver as tuples, in the same transaction: SQLAlchemy's per-row work
     (parameters, defaults, type processing) cost several times SQLite's own for these INSERTs and
     UPDATEs, whose values the driver takes as they are (str, bytes, int, float, bool, None).
-    ``keys``: an INSERT's columns (rows of one INSERT share them)."""
+    ``keys``: an INSERT's columns (rows of one INSERT share them).  The rows it changed."""
     if conn.dialect.name != "sqlite" or not rows:
-        conn.execute(stmt, rows)
-        return
+        return conn.execute(stmt, rows).rowcount if rows else 0
     sql, names, defaults = _sqlite_statement(conn, stmt, keys)
     cursor = conn.connection.dbapi_connection.cursor()     # type: ignore[union-attr]
     try:
         cursor.executemany(sql, [tuple(r[n] if n in r else defaults[n] for n in names) for r in rows])
+        return int(cursor.rowcount)
     finally:
         cursor.close()
 
@@ -373,7 +373,7 @@ async def _no_lock() -> AsyncIterator[None]:
 _INSERTS: dict[Any, Any] = {}
 
 
-def _insert(table: Any) -> Any:
+def insert_of(table: Any) -> Any:
     """The table's INSERT, built once (its cache key is then computed once, not per group)."""
     stmt = _INSERTS.get(table)
     if stmt is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import os
 import re
@@ -478,8 +479,10 @@ class Handler:
 _STORAGE_FAILURES = (StorageError, OperationalError)
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address as the relay compares it: an IPv4-mapped IPv6 peer counts as its IPv4 address."""
+    """An address as the relay compares it: an IPv4-mapped IPv6 peer counts as its IPv4 address.
+    Kept for the addresses seen lately (read several times a message, from the same few peers)."""
     try:
         ip = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ..policy.senders import SenderStatus
 from .factcache import FactsCache
 from .models import Buyer, MessageLog, Order, RevokedAlias, Seller, SellerAddress, ThreadId
+from .queue import execute_rows, insert_of
 
 T = TypeVar("T")
 _DAY = 86400.0
@@ -154,11 +155,11 @@ class Store:
 
         def work(conn: Connection) -> None:
             now = time.time()
-            updated = conn.execute(_COUNT_ATTEMPT, {"b_seller": seller_id, "b_address": address.lower(), "b_now": now})
-            if updated.rowcount == 0:
-                conn.execute(_SENDERS.insert(), {"seller_id": seller_id, "address": address, "status": "pending",
-                                                 "first_seen": now, "last_seen": now, "attempts": 1,
-                                                 "updated_at": now})
+            known = [{"b_seller": seller_id, "b_address": address.lower(), "b_now": now}]
+            if not execute_rows(conn, _COUNT_ATTEMPT, known):
+                values = {"seller_id": seller_id, "address": address, "status": "pending", "first_seen": now,
+                          "last_seen": now, "attempts": 1, "updated_at": now}
+                execute_rows(conn, insert_of(_SENDERS), [values], frozenset(values))
         return work
 
     async def set_sender_status(self, seller_ext_id: str, address: str, status: str, *,
