@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import email
 import email.policy
 import io
@@ -240,17 +241,62 @@ def test_boundary_text_inside_a_line_is_not_a_delimiter() -> None:
     assert mime.parse(header, body).text_parts[0].text == "see --b here and\r\n--bx not one"
 
 
-def test_a_large_attachment_keeps_its_first_bytes_and_its_whole_size():
-    """Over 1 MB, only the first 64 KB stay for sniffing (a ZIP stays whole for its directory):
-    the size limit still counts every byte, and the type is still read from the content."""
-    from bsm_relay.policy.attachments import Kind, sniff
-    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 8000                   # about 2 MB
+@pytest.mark.parametrize("signature, kept", [(b"%PDF-1.4\n", 4096), (b"\x00\x01 unknown", 1 << 16)])
+def test_a_large_attachment_keeps_its_first_bytes_and_its_whole_size(signature: bytes, kept: int):
+    """Over 1 MB, only the first 64 KB stay for sniffing (a ZIP stays whole for its directory;
+    a type its first 4 KB decide keeps those): the size limit still counts every byte, and the
+    type is still read from the content."""
+    from bsm_relay.policy.attachments import sniff
+    content = signature + bytes(range(256)) * 8000                   # about 2 MB
     header = b"Content-Type: multipart/mixed; boundary=b\r\n"
     body = (b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-            + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"--b--\r\n")
+            + base64.encodebytes(content).replace(b"\n", b"\r\n") + b"--b--\r\n")
     (attachment,) = mime.parse(header, body).attachments
-    assert attachment.length == len(pdf) and len(attachment.data) == 1 << 16
-    assert sniff(attachment.data) is Kind.PDF
+    assert attachment.length == len(content) and attachment.data == content[:kept]
+    assert sniff(attachment.data) is sniff(content)
+
+
+def attachment_of(encoded: bytes, ctype: bytes = b"application/octet-stream"):  # type: ignore[no-untyped-def]
+    header = b"Content-Type: multipart/mixed; boundary=b\r\n"
+    body = (b"--b\r\nContent-Type: " + ctype + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + encoded + b"--b--\r\n")
+    (attachment,) = mime.parse(header, body).attachments
+    return attachment
+
+
+BINARY = bytes(range(256)) * 400          # 100 KB of every byte value
+
+
+@pytest.mark.parametrize("content", [b"%PDF-1.7\n" + BINARY, b"\x89PNG\r\n\x1a\n" + BINARY,
+                                     b"MZ" + BINARY, b"\xff\xd8\xff" + BINARY[:-1],
+                                     b"BM" + bytes(12) + (40).to_bytes(4, "little") + BINARY[:-2]])
+def test_a_base64_attachment_whose_head_decides_its_type_is_not_decoded_whole(content: bytes) -> None:
+    # Its head and its size come out as a whole decode would give them (every padding length).
+    from bsm_relay.policy.attachments import HEAD, sniff
+    attachment = attachment_of(b64(content))
+    assert attachment.data == content[:HEAD] and attachment.length == len(content)
+    assert sniff(attachment.data) is sniff(content)
+
+
+@pytest.mark.parametrize("content", [docx_bytes() + BINARY, b"plain text, line after line\r\n" * 3000,
+                                     b"\x00\x01 no known signature" + BINARY])
+def test_a_base64_attachment_of_any_other_type_is_decoded_whole(content: bytes) -> None:
+    assert attachment_of(b64(content)).data == content
+
+
+def test_unusual_base64_is_judged_by_the_whole_decode_as_before() -> None:
+    content = b"%PDF-1.7\n" + BINARY
+    encoded = b64(content)
+    unpadded = encoded.rstrip(b"=\r\n") + b"\r\n"               # padding left off: mail clients add it
+    assert attachment_of(unpadded).length == len(content)
+    spaced = encoded.replace(b"\r\n", b" \t\r\n")                # other whitespace between lines
+    assert attachment_of(spaced).data == content[:4096] and attachment_of(spaced).length == len(content)
+    chars = encoded.rstrip(b"=\r\n")
+    lone = b"Q" * ((1 - len(chars.replace(b"\r\n", b""))) % 4)     # a lone character left over
+    with pytest.raises(mime.MalformedMime):
+        attachment_of(chars + lone + b"\r\n")
+    inside = encoded[:400] + b"=" + encoded[400:]                    # padding inside: the whole decode reads it
+    assert attachment_of(inside).data[:4096] == binascii.a2b_base64(inside)[:4096]
 
 
 @pytest.mark.parametrize("inserted", ["\r", "\x00", "\n"])

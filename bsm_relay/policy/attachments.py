@@ -111,6 +111,20 @@ def sniff(data: bytes) -> Kind:
     return _sniff_text(data)
 
 
+# Every signature above lies within the first bytes of a file (tar's, the furthest, ends at 262).
+HEAD = 4096
+
+
+def decided_by_head(head: bytes) -> bool:
+    """Whether ``sniff`` of a file that begins with ``head`` (at least ``HEAD`` bytes of it, or
+    all of it) depends on nothing after it: a signature or a BMP header.  A ZIP container (its
+    directory is at the end) and text (every byte is read) are not."""
+    if head.startswith(b"BM") and len(head) >= 18 \
+            and int.from_bytes(head[14:18], "little") in _BMP_DIB_HEADER_SIZES:
+        return True
+    return any(head.startswith(signature, offset) for offset, signature, _ in _SIGNATURES)
+
+
 def _sniff_zip(data: bytes) -> Kind:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
