@@ -217,3 +217,40 @@ def test_a_connection_lost_after_the_group_defers_the_message(tmp_path, run):
         result = await asyncio.wait_for(target(tmp_path, server.port).send(SENDER, ["bea@buyers.example"], BODY), 10)
         assert result.deferred and not result.delivered and server.messages == []
     run(case)
+
+
+def test_groups_after_starttls_over_a_real_smtp_server(tmp_path, run):
+    # aiosmtpd behind STARTTLS and AUTH, offering PIPELINING: the session is aiosmtplib's, the
+    # transactions after it go in groups over TLS (the protocol swapped on the TLS transport).
+    from aiosmtpd.controller import Controller
+    from helpers import RecordingHandler, free_port
+    from test_delivery import _Auth
+    from tlsutil import make_cert, server_context
+
+    from bsm_relay.relay.pipelining import PipeliningProtocol
+
+    class Pipelining(RecordingHandler):
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+            session.host_name = hostname
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    cert, key = make_cert(tmp_path)
+    handler, port = Pipelining(), free_port()
+    server = Controller(handler, hostname="127.0.0.1", port=port, tls_context=server_context(cert, key),
+                        require_starttls=True, authenticator=_Auth(), auth_required=True)
+    server.start()
+    try:
+        async def case(scripted: Any) -> None:
+            base = settings_for(tmp_path, port)
+            smarthost = SmarthostTarget(dataclasses.replace(base, delivery=dataclasses.replace(
+                base.delivery, smarthost_tls="required", smarthost_user="relay", smarthost_password="s3cret",
+                timeout=5)))
+            for rcpt in ("bea@buyers.example", "bob@buyers.example"):
+                result = await smarthost.send(SENDER, [rcpt], BODY)
+                assert result.delivered == [rcpt], result
+            (_, client), = smarthost._idle
+            assert type(client.protocol) is PipeliningProtocol and client.get_transport_info("sslcontext")
+        run(case)
+    finally:
+        server.stop()
+    assert [m.rcpt_tos for m in handler.messages] == [["bea@buyers.example"], ["bob@buyers.example"]]
