@@ -442,7 +442,7 @@ def _pending_recipients(conn: Connection, ids: list[str]) -> list[Any]:
     tenth of a handed-off message's commit)."""
     if conn.dialect.name != "sqlite":
         return list(conn.execute(_PENDING_RCPTS, {"b_ids": ids}).all())
-    sql = (f"SELECT id, queue_id, address, alias FROM {_RCPTS.name} "
+    sql = (f"SELECT id, queue_id, address, alias FROM {QueueRecipient.__tablename__} "
            f"WHERE queue_id IN ({', '.join('?' * len(ids))}) AND status = 'pending'")
     cursor = conn.connection.dbapi_connection.cursor()     # type: ignore[union-attr]
     try:
