@@ -318,6 +318,12 @@ def test_metrics_move_when_messages_pass(relay, run, metrics_port):
     assert after["bsm_relay_smtp_sessions_total"] >= before["bsm_relay_smtp_sessions_total"] + 5
     assert after['bsm_relay_queue_depth{status="queued"}'] == 0
     assert after["bsm_relay_queue_oldest_age_seconds"] == 0
+    # The writer's group commits: each accepted message and each outcome went through one.
+    commits = after["bsm_relay_queue_commits_total"] - before["bsm_relay_queue_commits_total"]
+    entries = after["bsm_relay_queue_commit_entries_total"] - before["bsm_relay_queue_commit_entries_total"]
+    assert 1 <= commits <= entries and entries >= 4 + 3
+    assert after["bsm_relay_queue_commit_seconds_total"] > before["bsm_relay_queue_commit_seconds_total"]
+    assert after["bsm_relay_queue_write_lock_wait_seconds_total"] >= 0
 
 
 # -- the log --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ observer (``log.observe``) counts the events as they are logged: ``smtp.connecte
 (sessions), ``message.accepted`` (and its ``upstream_delay``), ``smtp.rejected`` (by reason
 code and stage), ``delivery.delivered`` / ``deferred`` / ``failed`` (and each delivery's
 ``latency``), ``bounce.received``.  Queue depth and the oldest item's age come from a
-periodic async query on the event loop.  prometheus-client's HTTP server answers scrapes
+periodic async query on the event loop; the group commit's totals are read from the writer's
+``CommitStats`` at each scrape.  prometheus-client's HTTP server answers scrapes
 from a thread of its own: it only reads the counters, it does no database work.
 
 The metrics live in a registry of their own (never the library's global one), so a test
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ..config.settings import Settings, split_host_port
 from . import log
 from .models import QueueItem
+from .queue import CommitStats
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -88,6 +90,8 @@ class RelayMetrics:
                                   registry=r)
         for status in ("queued", "hold"):
             self.queue_depth.labels(status=status).set(0)
+        self.commit_stats: CommitStats | None = None
+        r.register(_CommitCollector(self))
         self.task: asyncio.Task[None] | None = None   # the queue poller, held so it is not collected
         self._stopping = asyncio.Event()
 
@@ -143,6 +147,36 @@ class RelayMetrics:
             await self.task
 
 
+class _CommitCollector:
+    """The writer's group commit totals, read when scraped.  ``rate(..._seconds_total)`` near 1
+    means this process's writer is always in a transaction or waiting for the write lock: the
+    database (its disk's fsync, or the other ``--workers`` processes) is the bottleneck."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []                      # no sample read at registration (the stats come later)
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = self._metrics.commit_stats
+        if stats is None:
+            return
+        yield CounterMetricFamily("bsm_relay_queue_commits", "Group commits of this process's writer",
+                                  value=stats.groups)
+        yield CounterMetricFamily("bsm_relay_queue_commit_entries",
+                                  "Entries in those commits (accepted messages, delivery outcomes, claims)",
+                                  value=stats.entries)
+        yield CounterMetricFamily("bsm_relay_queue_commit_seconds",
+                                  "Seconds inside the group commits' transactions, fsync included",
+                                  value=stats.transaction)
+        yield CounterMetricFamily("bsm_relay_queue_write_lock_wait_seconds",
+                                  "Seconds the writer waited for another serve process's commit",
+                                  value=stats.lock_wait)
+
+
 def start(settings: Settings, relay: Any) -> RelayMetrics | None:
     """Called once by ``serve`` after ``relay.started``: count from now on, serve the endpoint.
 
@@ -152,6 +186,7 @@ def start(settings: Settings, relay: Any) -> RelayMetrics | None:
     if not settings.metrics.listen:
         return None
     metrics = RelayMetrics()
+    metrics.commit_stats = relay.enqueuer.stats
     log.observe(metrics.observe)
     logger = log.get()
     host, port = split_host_port(settings.metrics.listen, DEFAULT_PORT)

@@ -149,6 +149,24 @@ def _rowish(entry: Entry) -> bool:
     return isinstance(entry, (Delivered, Claim, Accepted))
 
 
+@dataclass
+class CommitStats:
+    """The group commit's running totals (this process): what an operator needs to tell whether
+    the database's write lock is the bottleneck.  Written by the one writer at a time, read by
+    the metrics endpoint; plain numbers, no lock."""
+
+    groups: int = 0                   # transactions committed or tried
+    entries: int = 0                  # what they held (accepted messages, outcomes, claims, units)
+    lock_wait: float = 0.0            # seconds waiting for another process's group (serve --workers)
+    transaction: float = 0.0          # seconds inside the transactions, commit (fsync) included
+
+    def add(self, entries: int, started: float, locked: float, done: float) -> None:
+        self.groups += 1
+        self.entries += entries
+        self.lock_wait += locked - started
+        self.transaction += done - locked
+
+
 class Enqueuer:
     """The serving process's one writer: group commit of everything it writes.
 
@@ -175,6 +193,7 @@ class Enqueuer:
         self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
+        self.stats = CommitStats()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="enqueuer")
@@ -263,18 +282,28 @@ class Enqueuer:
     def _write_sync(self, entries: list[Entry]) -> list[Any]:
         assert self._sync_engine is not None
         lock = getattr(self._write_lock, "sync", None)
+        started = time.perf_counter()
         with lock() if lock is not None else nullcontext():
-            with self._sync_engine.begin() as conn:
-                return _apply_rows(conn, entries)
+            locked = time.perf_counter()
+            try:
+                with self._sync_engine.begin() as conn:
+                    return _apply_rows(conn, entries)
+            finally:
+                self.stats.add(len(entries), started, locked, time.perf_counter())
 
     async def _write(self, entries: list[Entry]) -> list[Any]:
         rows = [e for e in entries if not callable(e)]
         results: list[Any] = []
+        started = time.perf_counter()
         async with self._write_lock():
-            async with self._sessions.begin() as s:
-                done = iter(await s.run_sync(lambda sync: _apply_rows(sync.connection(), rows)) if rows else [])
-                for entry in entries:
-                    results.append(next(done) if not callable(entry) else await entry(s))
+            locked = time.perf_counter()
+            try:
+                async with self._sessions.begin() as s:
+                    done = iter(await s.run_sync(lambda sync: _apply_rows(sync.connection(), rows)) if rows else [])
+                    for entry in entries:
+                        results.append(next(done) if not callable(entry) else await entry(s))
+            finally:
+                self.stats.add(len(entries), started, locked, time.perf_counter())
         return results
 
 
@@ -707,5 +736,5 @@ async def list_items(sessions: async_sessionmaker[AsyncSession], include_done: b
              "last_error": r.last_error, "recipients": by_item.get(r.id, [])} for r in rows]
 
 
-__all__ = ["Accepted", "Claimed", "Delivered", "release_dead_leases", "Enqueuer", "StorageError", "claim",
-           "record_attempt", "record_error", "add_notice", "get_item", "admin", "list_items", "new_queue_id"]
+__all__ = ["Accepted", "Claimed", "CommitStats", "Delivered", "release_dead_leases", "Enqueuer", "StorageError",
+           "claim", "record_attempt", "record_error", "add_notice", "get_item", "admin", "list_items", "new_queue_id"]
