@@ -343,6 +343,21 @@ def test_idle_and_data_timeouts_close_the_session_and_queue_nothing(tmp_path):
     assert idle.reply().startswith("421 4.4.2")    # nothing sent: the server gives up
     assert idle.closed()
 
+    # The timeout counts from the last command, not from the connection: commands 0.6 s apart
+    # keep a session open well past 1 s (the timer armed at connect re-arms for the rest), and
+    # once they stop it is closed.
+    busy = Line(relay.port)
+    busy.reply()
+    opened = time.monotonic()
+    for _ in range(4):
+        time.sleep(0.6)
+        assert busy.cmd("NOOP").startswith("250")
+    assert time.monotonic() - opened > 2.0
+    last = time.monotonic()
+    assert busy.reply().startswith("421 4.4.2")
+    assert 0.8 < time.monotonic() - last < 5
+    assert busy.closed()
+
     slow = Line(relay.port)
     slow.reply()
     assert slow.cmd("EHLO slow.test").startswith("250")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import mktime_tz, parsedate_tz
+from email.utils import formatdate, mktime_tz, parsedate_tz
 
 from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
@@ -358,5 +359,9 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
 
 
 def _rfc5322_date(now: float) -> str:
-    from email.utils import formatdate
-    return formatdate(now, usegmt=True)
+    return _gmt_date(int(now))
+
+
+@functools.lru_cache(maxsize=4)
+def _gmt_date(second: int) -> str:
+    return formatdate(second, usegmt=True)

@@ -126,8 +126,11 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     store = relay.store
     header_block = b"".join(h.raw for h in headers)
     original = tx.content
+    # The MIME walk reads only the Content-* fields (what the stdlib parser would take from the
+    # whole block: intake refused any block that is not a clean list of fields), a third of
+    # the cost of parsing every field of the top-level header again.
     try:
-        parsed = mime.parse(header_block, body, body_start)
+        parsed = mime.parse(b"".join(h.raw for h in headers if h.name[:8].lower() == "content-"), body, body_start)
     except mime.MalformedMime:
         return PolicyOutcome(refuse("msg.malformed"), original, contact_reason=contact_reason)
     config = policy_config(relay.settings)

@@ -15,6 +15,7 @@ Pure, stdlib only, no I/O.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -143,7 +144,11 @@ def format_received(hostname: str, queue_id: str, when: datetime, protocol: str 
     for part in (hostname, queue_id, protocol):
         if not _TOKEN.fullmatch(part):
             raise ValueError(f"not a plain token for a Received field: {part!r}")
-    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {format_datetime(when)}"
+    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {_date_text(when.replace(microsecond=0))}"
+
+
+# Every message of the same second carries the same date text: formatted once a second.
+_date_text = functools.lru_cache(maxsize=4)(format_datetime)
 
 
 # -- building fields ------------------------------------------------------------------

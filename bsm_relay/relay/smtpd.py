@@ -142,6 +142,7 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None    # reason code when the session is turned away at connect
         self._busy = False                  # a command is being handled
         self._in_data = False               # after our 354: replies are about the message, not the command
+        self._deadline = 0.0                # the session's timeout (loop time), see _reset_timeout
         # Every command goes through _guarded (drain, DATA timeout), whatever class defines it.
         self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
 
@@ -191,6 +192,25 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.gate.release(self)
         super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels its timer and schedules a new one for every command line; here the
+        new deadline is only noted while the armed timer fires no later (it re-arms itself for
+        the rest), so a session's commands schedule a timer only when the deadline moves earlier."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
