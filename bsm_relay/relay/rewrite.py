@@ -18,7 +18,7 @@ import base64
 import functools
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 from .headers import Header, parse_headers, split_message, split_offsets
@@ -144,11 +144,15 @@ def format_received(hostname: str, queue_id: str, when: datetime, protocol: str 
     for part in (hostname, queue_id, protocol):
         if not _TOKEN.fullmatch(part):
             raise ValueError(f"not a plain token for a Received field: {part!r}")
-    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {_date_text(when.replace(microsecond=0))}"
+    date = _date_text(when.replace(microsecond=0), when.utcoffset())
+    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {date}"
 
 
-# Every message of the same second carries the same date text: formatted once a second.
-_date_text = functools.lru_cache(maxsize=4)(format_datetime)
+@functools.lru_cache(maxsize=4)
+def _date_text(when: datetime, offset: timedelta | None) -> str:
+    """Every message of the same second carries the same date text: formatted once a second.
+    The offset is part of the key: equal instants in two zones are equal datetimes."""
+    return format_datetime(when)
 
 
 # -- building fields ------------------------------------------------------------------
