@@ -94,3 +94,17 @@ def parse(data: bytes):
     return email.message_from_bytes(data, policy=email.policy.default)
 
 
+
+
+class SmarthostAuth:
+    """An aiosmtpd authenticator for a smarthost that wants AUTH: one login, "relay" / "s3cret"."""
+
+    def __init__(self) -> None:
+        self.logins: list[str] = []
+
+    def __call__(self, server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"relay", b"s3cret")
+        if ok:
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=ok)

@@ -235,25 +235,14 @@ async def test_outbound_mail_is_dkim_signed_and_verifies(tmp_path, sink, session
         assert not dkim.verify(raw.replace(b"body qdkim", b"body QDKIM"), dnsfunc=dnsfunc)
 
 
-class _Auth:
-    def __init__(self) -> None:
-        self.logins: list[str] = []
-
-    def __call__(self, server, session, envelope, mechanism, auth_data):
-        from aiosmtpd.smtp import AuthResult, LoginPassword
-        ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"relay", b"s3cret")
-        if ok:
-            self.logins.append(auth_data.login.decode())
-        return AuthResult(success=ok)
-
-
 async def test_smarthost_starttls_required_and_auth(tmp_path, sessions):
     from aiosmtpd.controller import Controller
+    from delivery_harness import SmarthostAuth
     from helpers import RecordingHandler, free_port
     from tlsutil import make_cert, server_context
 
     cert, key = make_cert(tmp_path)
-    handler, auth = RecordingHandler(), _Auth()
+    handler, auth = RecordingHandler(), SmarthostAuth()
     port = free_port()
     secure = Controller(handler, hostname="127.0.0.1", port=port, tls_context=server_context(cert, key),
                         require_starttls=True, authenticator=auth, auth_required=True)

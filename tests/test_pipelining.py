@@ -223,8 +223,8 @@ def test_groups_after_starttls_over_a_real_smtp_server(tmp_path, run):
     # aiosmtpd behind STARTTLS and AUTH, offering PIPELINING: the session is aiosmtplib's, the
     # transactions after it go in groups over TLS (the protocol swapped on the TLS transport).
     from aiosmtpd.controller import Controller
+    from delivery_harness import SmarthostAuth
     from helpers import RecordingHandler, free_port
-    from test_delivery import _Auth
     from tlsutil import make_cert, server_context
 
     from bsm_relay.relay.pipelining import PipeliningProtocol
@@ -237,7 +237,7 @@ def test_groups_after_starttls_over_a_real_smtp_server(tmp_path, run):
     cert, key = make_cert(tmp_path)
     handler, port = Pipelining(), free_port()
     server = Controller(handler, hostname="127.0.0.1", port=port, tls_context=server_context(cert, key),
-                        require_starttls=True, authenticator=_Auth(), auth_required=True)
+                        require_starttls=True, authenticator=SmarthostAuth(), auth_required=True)
     server.start()
     try:
         async def case(scripted: Any) -> None:
