@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 from pathlib import Path
@@ -236,6 +237,11 @@ async def serve(settings: Settings) -> None:
     running = Running(relay, contexts)
     stop = asyncio.Event()
     background: set[asyncio.Task[None]] = set()
+    # What start-up built (modules, the schema, settings, caches) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it (about 100,000 objects,
+    # 35-40 ms with the event loop stopped) and the collector's share of CPU halves (0020).
+    gc.collect()
+    gc.freeze()
     try:
         await running.listen(reuse_port=supervised)
     except OSError as exc:
