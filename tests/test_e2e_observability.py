@@ -353,6 +353,19 @@ def test_library_records_become_redacted_json_events():
     assert event["message"].startswith("reset failed for addr:") and BUYER not in line
     assert "ValueError: boom for addr:" in event["exception"]
 
+
+def test_redacted_digests_stay_the_same_past_the_kept_ones():
+    # Digests are kept for the addresses seen most recently; forgetting them changes nothing.
+    redactor = log.Redactor(b"k" * 32, "marketplace.example")
+    first = redactor.address(BUYER)
+    assert first.startswith("addr:") and redactor.address(BUYER.upper()) == first
+    assert redactor.address("bea@marketplace.example") == "bea@marketplace.example"
+    others = {redactor.address(f"user{i}@example.org") for i in range(log._DIGESTS_KEPT + 10)}
+    assert len(others) == log._DIGESTS_KEPT + 10 and first not in others
+    assert redactor.address(BUYER) == first == log.Redactor(b"k" * 32, "marketplace.example").address(BUYER)
+    assert log.Redactor(b"j" * 32, "marketplace.example").address(BUYER) != first
+
+
 def test_log_events_carry_ids_and_no_real_address_by_default(relay, run):
     # A client's junk verb is dropped by aiosmtpd's own logger, which writes plain text: it must
     # not reach the log, which holds JSON lines only.

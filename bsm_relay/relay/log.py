@@ -47,12 +47,20 @@ class Redactor:
         self._key = key
         self._keep = "@" + alias_domain.lower()
         self.enabled = enabled
+        # The same few addresses come back event after event (a seller, a smarthost's
+        # recipients): their digests are kept, a bounded number of them.
+        self._digests: dict[str, str] = {}
 
     def address(self, value: str) -> str:
         if not self.enabled or value.lower().rstrip(".").endswith(self._keep):
             return value
-        digest = hmac.new(self._key, value.lower().encode(), hashlib.sha256).hexdigest()[:10]
-        return f"addr:{digest}"
+        found = self._digests.get(value)
+        if found is None:
+            if len(self._digests) >= _DIGESTS_KEPT:
+                self._digests.clear()
+            digest = hmac.new(self._key, value.lower().encode(), hashlib.sha256).hexdigest()[:10]
+            found = self._digests[value] = f"addr:{digest}"
+        return found
 
     def text(self, value: str) -> str:
         if "@" not in value:
@@ -87,7 +95,11 @@ class _Watch:
 
 
 def _level(name: str) -> int:
-    return logging.ERROR if name == "exception" else logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
+    return logging.ERROR if name == "exception" else _LEVELS.get(name.upper(), logging.INFO)
+
+
+_LEVELS = logging.getLevelNamesMapping()     # (a new copy of the mapping on every call)
+_DIGESTS_KEPT = 4096
 
 
 def _current_watch() -> _Watch | None:
