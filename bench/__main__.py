@@ -100,8 +100,10 @@ volume_base = 10000000
 nameservers = ["{nameserver}"]
 
 [logging]
+# The default level, as a mail admin runs it: a line when a message is accepted and one when it is
+# delivered, like the maillog the benchmark's Postfix writes (session 8; "warning" before).
 format = "json"
-level = "warning"
+level = "info"
 """)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BSM_RELAY_")}
         self.cli("init")
