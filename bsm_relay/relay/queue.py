@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -190,6 +191,10 @@ class Enqueuer:
         self._write_lock = write_lock or _no_lock
         # SQLite: plain row work (most of it) is committed in one hand-off to a thread per group.
         self._sync_engine = sync_engine
+        # The writer's connection, kept from group to group (a pool checkout and the rollback
+        # of its return cost as much as a small group's rows); one group at a time uses it.
+        self._conn: Connection | None = None
+        self._conn_lock = threading.Lock()
         self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
@@ -207,6 +212,8 @@ class Enqueuer:
                 pass
             self._task = None
         if self._sync_engine is not None:
+            with self._conn_lock:        # after a group still running in its thread, if any
+                self._drop_connection()
             self._sync_engine.dispose()
         if self._reads is not None:
             self._reads.close()
@@ -283,13 +290,29 @@ class Enqueuer:
         assert self._sync_engine is not None
         lock = getattr(self._write_lock, "sync", None)
         started = time.perf_counter()
-        with lock() if lock is not None else nullcontext():
+        with self._conn_lock, lock() if lock is not None else nullcontext():
             locked = time.perf_counter()
             try:
-                with self._sync_engine.begin() as conn:
+                conn = self._conn
+                if conn is None or conn.invalidated or conn.closed:
+                    conn = self._conn = self._sync_engine.connect()
+                with conn.begin():
                     return _apply_rows(conn, entries)
+            except BaseException:
+                # A failed group may leave the connection in any state (the files in trouble
+                # invalidate it): the next group starts on a new one.
+                self._drop_connection()
+                raise
             finally:
                 self.stats.add(len(entries), started, locked, time.perf_counter())
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection is being thrown away
+                pass
 
     async def _write(self, entries: list[Entry]) -> list[Any]:
         rows = [e for e in entries if not callable(e)]
