@@ -540,7 +540,7 @@ def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
                                 "b_until": work.now + work.lease}).all()
     if not items:
         return []
-    rcpts = conn.execute(_PENDING_RCPTS, {"b_ids": [i.id for i in items]}).all()
+    rcpts = _pending_recipients(conn, [i.id for i in items])
     by_item: dict[str, list[tuple[int, str, str]]] = {}
     for rid, qid, address, alias in rcpts:
         by_item.setdefault(qid, []).append((rid, address, alias))
