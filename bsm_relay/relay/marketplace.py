@@ -127,8 +127,8 @@ async def check(relay: Any, tx: Any, rcpt: Any, headers: list[Header], body: byt
     header_block = b"".join(h.raw for h in headers)
     original = tx.content
     # The MIME walk reads only the Content-* fields (what the stdlib parser would take from the
-    # whole block: intake refused any block that is not a clean list of fields), a third of
-    # the cost of parsing every field of the top-level header again.
+    # whole block: intake refused any block that is not a clean list of fields): about a quarter
+    # of the walk's time at 2 KB went to parsing every other field again.
     try:
         parsed = mime.parse(b"".join(h.raw for h in headers if h.name[:8].lower() == "content-"), body, body_start)
     except mime.MalformedMime:
