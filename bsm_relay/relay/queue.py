@@ -212,8 +212,13 @@ class Enqueuer:
                 pass
             self._task = None
         if self._sync_engine is not None:
-            with self._conn_lock:        # after a group still running in its thread, if any
-                self._drop_connection()
+            # After a group still running in its thread, if any; one stuck on a locked database
+            # keeps its connection (closed with the process) rather than hold up the shutdown.
+            if self._conn_lock.acquire(timeout=1.0):
+                try:
+                    self._drop_connection()
+                finally:
+                    self._conn_lock.release()
             self._sync_engine.dispose()
         if self._reads is not None:
             self._reads.close()
