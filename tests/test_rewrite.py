@@ -510,6 +510,17 @@ def test_format_received() -> None:
         "with ESMTPS id Q; Tue, 12 Mar 2024 11:20:14 +0100")
 
 
+def test_received_dates_are_kept_per_second_and_zone_only() -> None:
+    # The date text is formatted once a second: microseconds never show, the next second does,
+    # and the same instant in another zone (an equal datetime) keeps its own offset.
+    texts = [format_received("h.example", "Q", when).rsplit("; ", 1)[1] for when in (
+        WHEN, WHEN.replace(microsecond=999_999), WHEN + timedelta(seconds=1),
+        WHEN.astimezone(timezone(timedelta(hours=-5))), WHEN)]
+    assert texts == ["Tue, 12 Mar 2024 10:20:14 +0000", "Tue, 12 Mar 2024 10:20:14 +0000",
+                     "Tue, 12 Mar 2024 10:20:15 +0000", "Tue, 12 Mar 2024 05:20:14 -0500",
+                     "Tue, 12 Mar 2024 10:20:14 +0000"]
+
+
 @pytest.mark.parametrize(
     ("hostname", "queue_id", "protocol"),
     [

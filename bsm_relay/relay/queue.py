@@ -212,13 +212,7 @@ class Enqueuer:
                 pass
             self._task = None
         if self._sync_engine is not None:
-            # After a group still running in its thread, if any; one stuck on a locked database
-            # keeps its connection (closed with the process) rather than hold up the shutdown.
-            if self._conn_lock.acquire(timeout=1.0):
-                try:
-                    self._drop_connection()
-                finally:
-                    self._conn_lock.release()
+            await asyncio.to_thread(self._close_connection)
             self._sync_engine.dispose()
         if self._reads is not None:
             self._reads.close()
@@ -310,6 +304,16 @@ class Enqueuer:
                 raise
             finally:
                 self.stats.add(len(entries), started, locked, time.perf_counter())
+
+    def _close_connection(self) -> None:
+        """At stop, in a thread: after a group still running in its thread, if any; one stuck on
+        a locked database keeps its connection (closed with the process) rather than hold up
+        the shutdown."""
+        if self._conn_lock.acquire(timeout=1.0):
+            try:
+                self._drop_connection()
+            finally:
+                self._conn_lock.release()
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
