@@ -366,6 +366,21 @@ def test_redacted_digests_stay_the_same_past_the_kept_ones():
     assert log.Redactor(b"j" * 32, "marketplace.example").address(BUYER) != first
 
 
+def test_redacted_texts_follow_a_reload_of_the_redact_setting():
+    # Field values are kept with their redacted text; a reload that switches redaction off and on
+    # again must never hand back what was kept under the other setting.
+    redactor = log.Redactor(b"k" * 32, "marketplace.example")
+    text = f"Bea <{BUYER}> wrote"
+    redacted = redactor.text(text)
+    assert BUYER not in redacted and redacted == redactor.text(text) and "addr:" in redacted
+    redactor.enabled = False
+    assert redactor.text(text) == text
+    redactor.enabled = True
+    assert redactor.text(text) == redacted
+    long_text = "x" * 400 + f" {BUYER}"          # long values are redacted, not kept
+    assert BUYER not in redactor.text(long_text) and long_text not in redactor._texts
+
+
 def test_log_events_carry_ids_and_no_real_address_by_default(relay, run):
     # A client's junk verb is dropped by aiosmtpd's own logger, which writes plain text: it must
     # not reach the log, which holds JSON lines only.

@@ -478,9 +478,22 @@ def is_html(part: TextPart) -> bool:
 
 def mask_part(part: TextPart, rules: ContentRules,
               parties: Parties | Iterable[str] = ()) -> tuple[TextPart, list[Finding]]:
+    if isinstance(parties, Parties):
+        masked, findings = _mask_part(part, rules, parties)
+        return masked, list(findings)
+    masked, found = _mask_part.__wrapped__(part, rules, parties)
+    return masked, list(found)
+
+
+# The rules' decision and the rewrite both mask each text part of a message, with the same
+# arguments: the second call is answered from here (a few parts of the last messages; a text part
+# holds at most ``max_text_chars`` characters).
+@lru_cache(maxsize=8)
+def _mask_part(part: TextPart, rules: ContentRules,
+               parties: Parties | Iterable[str]) -> tuple[TextPart, tuple[Finding, ...]]:
     masker: Callable[..., tuple[str, list[Finding]]] = mask_html if is_html(part) else mask_text
     text, findings = masker(part.text, rules, parties)
-    return TextPart(part.content_type, text), findings
+    return TextPart(part.content_type, text), tuple(findings)
 
 
 # -- the rule ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from . import auth, bounce_in, marketplace, spool
 from .context import Relay
 from .headers import (
     AmbiguousFrom,
+    Header,
     MalformedHeader,
     MissingFrom,
     crlf_only,
@@ -163,7 +164,9 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
     upstream = upstream_delay(headers, now)
     if aliased:
         for rcpt, verdict in zip(aliased, verdicts, strict=True):
-            qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, now,
+            # Headers parsed once: what intake read, unless the policy rewrote the message.
+            parsed = headers if verdict.content is tx.content else None
+            qid, rows = await _forward(relay, tx, rcpt, sender.address, verdict.content, parsed, now,
                                        original_ids[0] if original_ids else None, thread_ids,
                                        auth_results=auth_results, upstream_delay=upstream, **verdict.log_fields)
             queue_ids.append(qid)
@@ -303,7 +306,7 @@ def mint_message_id(domain: str) -> str:
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
-                   now: float, original_id: str | None, thread_ids: ThreadRefs, *,
+                   headers: list[Header] | None, now: float, original_id: str | None, thread_ids: ThreadRefs, *,
                    auth_results: str | None = None, order_ext_id: str | None = None,
                    contact_reason: str | None = None, proactive: bool = False,
                    upstream_delay: float | None = None) -> tuple[str, list[object]]:
@@ -343,7 +346,7 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
         spool_path = await asyncio.to_thread(spool.write, settings.state_dir, qid, body, memoryview(content)[offset:])
         size = len(body) + len(content) - offset
     else:
-        body = render(content, plan)
+        body = render(content, plan, headers)
         size = len(body)
     item = row(QueueItem, id=qid, kind="forward", envelope_from=relay.bounce_address(qid),
                origin_sender=sender, body=body, size=size, created_at=now, next_attempt_at=now,

@@ -46,10 +46,21 @@ class Redactor:
     def __init__(self, key: bytes, alias_domain: str, enabled: bool = True) -> None:
         self._key = key
         self._keep = "@" + alias_domain.lower()
-        self.enabled = enabled
+        self._enabled = enabled
         # The same few addresses come back event after event (a seller, a smarthost's
         # recipients): their digests are kept, a bounded number of them.
         self._digests: dict[str, str] = {}
+        self._texts: dict[str, str] = {}     # field value -> its redacted text, as bounded
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:   # a reload: what was kept no longer holds
+        self._enabled = value
+        self._digests.clear()
+        self._texts.clear()
 
     def address(self, value: str) -> str:
         if not self.enabled or value.lower().rstrip(".").endswith(self._keep):
@@ -65,7 +76,14 @@ class Redactor:
     def text(self, value: str) -> str:
         if "@" not in value:
             return value
-        return _ADDRESS.sub(lambda m: self.address(m.group(0)), value)
+        found = self._texts.get(value)
+        if found is None:
+            found = _ADDRESS.sub(lambda m: self.address(m.group(0)), value)
+            if len(value) <= _TEXT_KEPT_CHARS:     # an address, an alias; not a long error text
+                if len(self._texts) >= _DIGESTS_KEPT:
+                    self._texts.clear()
+                self._texts[value] = found
+        return found
 
     def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         if not self.enabled:
@@ -100,6 +118,7 @@ def _level(name: str) -> int:
 
 _LEVELS = logging.getLevelNamesMapping()     # (a new copy of the mapping on every call)
 _DIGESTS_KEPT = 4096
+_TEXT_KEPT_CHARS = 320
 
 
 def _current_watch() -> _Watch | None:

@@ -121,14 +121,15 @@ def rewrite_headers(headers: list[Header], plan: RewritePlan) -> bytes:
     return b"".join(out)
 
 
-def render(raw: bytes, plan: RewritePlan) -> bytes:
+def render(raw: bytes, plan: RewritePlan, headers: list[Header] | None = None) -> bytes:
     """The whole forwarded message: rewritten header block, blank line, untouched body.
 
-    Raises :class:`~bsm_relay.relay.headers.MalformedHeader` when the header block
+    ``headers``: ``raw``'s header block as :func:`parse_headers` reads it, when the caller has
+    it already.  Raises :class:`~bsm_relay.relay.headers.MalformedHeader` when the header block
     cannot be read.
     """
     block, body = split_message(raw)
-    return rewrite_headers(parse_headers(block), plan) + b"\r\n" + body
+    return rewrite_headers(parse_headers(block) if headers is None else headers, plan) + b"\r\n" + body
 
 
 def render_head(raw: bytes, plan: RewritePlan) -> tuple[bytes, int]:
