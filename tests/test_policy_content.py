@@ -6,7 +6,10 @@ import html
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from bsm_relay.policy import content as _content
 from bsm_relay.policy.content import (
     Action,
     ContentRules,
@@ -323,3 +326,23 @@ def test_hostile_input_is_handled(text: str) -> None:
     out_html, _ = mask_html(text, RULES)
     assert isinstance(out_html, str)
     assert isinstance(findings, list)
+
+
+# -- the cheap scans that let the full patterns be skipped ------------------------------------
+
+_SCAN_TEXT = st.text(alphabet=st.sampled_from(list("aW:/.w 09-٣५\u00e9\r\n")), max_size=40) | st.text(max_size=40)
+
+
+@given(_SCAN_TEXT)
+def test_digit_and_link_scans_agree_with_their_patterns(text):
+    # The ASCII fast paths must answer exactly as the regexes they stand in for, or a phone
+    # number or a link would pass unmasked.
+    assert _content._has_digit(text) == (_content._DIGIT_RE.search(text) is not None)
+    assert _content._has_link_hint(text) == (_content._LINK_HINT_RE.search(text) is not None)
+
+
+def test_digit_and_link_scans_on_known_texts():
+    assert _content._has_digit("call 5") and _content._has_digit("call ٣") and not _content._has_digit("no digits")
+    assert _content._has_link_hint("see WWW.x") and _content._has_link_hint("ftp://h")
+    assert _content._has_link_hint("é www.x")
+    assert not _content._has_link_hint("www x") and not _content._has_link_hint("é :/ /")
