@@ -384,3 +384,17 @@ def test_queue_ids_sort_by_acceptance_time_and_do_not_repeat():
     assert all(len(q) == 20 and q[0] == "q" and int(q[1:], 16) >= 0 for q in earlier)
     assert max(earlier) < later                       # a later millisecond sorts after
     assert sorted(q[:12] for q in earlier) == [q[:12] for q in earlier]   # the time part never goes back
+
+
+def test_minted_message_ids_sort_by_time_and_stay_unguessable():
+    # The Message-ID map's primary key: minted ids go to its right-hand edge, not a random page.
+    from bsm_relay.relay.intake import mint_message_id
+    earlier = [mint_message_id("marketplace.example") for _ in range(2000)]
+    time.sleep(0.002)
+    later = mint_message_id("marketplace.example")
+    local = [m.partition("@")[0] for m in earlier]
+    assert len(set(earlier)) == 2000 and all(m.endswith("@marketplace.example") for m in earlier)
+    assert all(len(x) == 35 and int(x, 16) >= 0 for x in local)       # 11 hex of time, 96 random bits
+    assert max(earlier) < later
+    assert sorted(x[:11] for x in local) == [x[:11] for x in local]
+    assert len({x[11:] for x in local}) == 2000                          # the random part differs

@@ -302,7 +302,13 @@ async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision:
 
 
 def mint_message_id(domain: str) -> str:
-    return f"{secrets.token_hex(16)}@{domain}"
+    """The Message-ID a forwarded message gets: the time in milliseconds (11 hex digits, as in
+    queue ids), then 96 random bits.  The ids sort by minting time, so each message's row goes to
+    the right-hand edge of the Message-ID map's primary key instead of to a random page of it: a
+    random 4 KB page per message written through the WAL and again by the checkpoint.  The
+    time is no secret (the Date and Received fields show it); the random part keeps the id
+    unguessable."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(12)}@{domain}"
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,
