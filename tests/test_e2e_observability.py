@@ -326,6 +326,36 @@ def test_metrics_move_when_messages_pass(relay, run, metrics_port):
     assert after["bsm_relay_queue_write_lock_wait_seconds_total"] >= 0
 
 
+def test_a_message_alone_in_intake_is_delivered_without_a_claim(tmp_path):
+    # With no other message being taken in, a small message is inserted already leased to the
+    # process's delivery and sent from memory once committed (docs/decisions/0022): two entries
+    # through the writer (the message, its outcome), not three (a claim between them).
+    port = free_port()
+    with Sink() as alone_sink:
+        r = make_relay(tmp_path, sink_port=alone_sink.port, extra=f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        r.env["BSM_RELAY_DELIVERY_POLL_INTERVAL"] = "3600"    # no poll: a wake-up or the hand-off delivers
+        r.cli("seller", "add", "S1", "--name", "Acme Books", "--email", SELLER)
+        r.cli("buyer", "add", "B1", "--email", BUYER)
+        r.cli("order", "add", "111-2223334-4445556", "--seller", "S1", "--buyer", "B1", "--status", "shipped")
+        alias = json.loads(r.cli("alias", "S1", "B1", "--json").stdout)["buyer_alias"]
+        r.start()
+        try:
+            until(lambda: _try_scrape(port), "the metrics endpoint")
+            time.sleep(0.5)                                    # past the start-up's own writes
+            before = scrape(port)
+            for n in range(3):
+                submit(r, SELLER, alias, compose(SELLER, alias, f"alone {n}"))
+                alone_sink.wait_for(n + 1)
+                until(lambda n=n: scrape(port)['bsm_relay_deliveries_total{kind="forward",outcome="delivered"}']
+                      == n + 1, "the outcome stored")
+            after = scrape(port)
+        finally:
+            assert r.stop() == 0, r.log()[-3000:]
+    entries = after["bsm_relay_queue_commit_entries_total"] - before["bsm_relay_queue_commit_entries_total"]
+    assert entries == 3 * 2, entries
+    assert [m.rcpt_tos for m in alone_sink.messages] == [[BUYER]] * 3
+
+
 # -- the log --------------------------------------------------------------------------------
 
 def test_library_records_become_redacted_json_events():

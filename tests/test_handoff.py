@@ -86,11 +86,24 @@ async def test_with_every_worker_busy_the_message_is_queued_unleased(running, se
 
 
 async def test_a_small_message_is_queued_unleased(running):
-    # Below HAND_OFF_MIN the claim's rewrite of the row is cheap and the hand-off measured slower.
+    # Below HAND_OFF_MIN, among other messages being taken in, the claim's rewrite of the row is
+    # cheap and its batching measured faster.
     _, deliverer = running
     small = accepted("qsmall", large=False)
     deliverer.hand_off(small)
     assert not small.leased and "lease_owner" not in small.items[0].values
+
+
+async def test_a_small_message_alone_is_handed_off(running, sink, sessions):  # noqa: F811
+    # Alone in intake there is no group to delay and no batch to lose: the claim would only be
+    # one more transaction (docs/decisions/0022).
+    enqueuer, deliverer = running
+    small = accepted("qalone", large=False)
+    deliverer.hand_off(small, True)
+    assert small.leased and small.items[0].values["lease_owner"] == deliverer.owner
+    await enqueuer.commit(small)
+    await until(lambda: delivered(sessions, "qalone"))      # no poll, no wake-up: the hand-off delivered it
+    assert [m.rcpt_tos for m in sink.messages] == [[BUYERS[0]]]
 
 
 async def test_a_failed_commit_gives_the_worker_back(running, sink, sessions):  # noqa: F811

@@ -36,7 +36,9 @@ class Relay:
     resolver: dns.asyncresolver.Resolver
     # The serving process's delivery, handed each accepted message to send at once from memory
     # (``Deliverer.hand_off``); None where nothing delivers (commands, tests of intake alone).
-    hand_off: Callable[[Accepted], None] | None = None
+    hand_off: Callable[[Accepted, bool], None] | None = None
+    # Messages inside ``intake.process`` right now: a message alone there finds the process idle.
+    in_intake: int = 0
 
     def bounce_address(self, queue_id: str) -> str:
         """The signed envelope sender a forwarded message leaves with (VERP style)."""

@@ -512,18 +512,21 @@ class Deliverer:
             except TimeoutError:
                 pass
 
-    def hand_off(self, accepted: Accepted) -> None:
+    def hand_off(self, accepted: Accepted, alone: bool = False) -> None:
         """Deliver ``accepted``'s items as soon as they are committed, from memory, if a worker is
         free for each: they are inserted leased to this process (``queue.lease_at_insert``), so
         no claim reads and rewrites them and no poll waits for them.  Otherwise (every worker
         busy, stopping) they are queued as usual and claimed when a worker frees up.
 
-        Only rows of at least ``HAND_OFF_MIN`` bytes (docs/decisions/0016): the claim rewrites a
-        row whole, which costs more than the hand-off saves only for large ones; smaller messages
-        went slower handed off (their deliveries then start in the middle of the group's replies)."""
+        Rows of at least ``HAND_OFF_MIN`` bytes (docs/decisions/0016): the claim rewrites a row
+        whole, which costs more than the hand-off saves only for large ones; smaller messages went
+        slower handed off at 20 connections (their deliveries then start in the middle of the
+        group's replies, and lose the claim's batching).  A smaller message only when it is
+        ``alone`` (the only one in intake: docs/decisions/0022), where there is no group to
+        delay and no batch to lose, and the claim's transaction would be one more commit."""
         count = len(accepted.items)
         if (not count or self._stopping.is_set()
-                or any(len(item.values["body"]) < HAND_OFF_MIN for item in accepted.items)
+                or (not alone and any(len(item.values["body"]) < HAND_OFF_MIN for item in accepted.items))
                 or len(self._inflight) + self._reserved + count > self.settings.delivery.workers):
             return
         self._reserved += count

@@ -100,6 +100,14 @@ class Transaction:
 
 async def process(relay: Relay, tx: Transaction) -> Outcome:
     """Decide on one message; on acceptance, return only after the rows are committed."""
+    relay.in_intake += 1
+    try:
+        return await _process(relay, tx)
+    finally:
+        relay.in_intake -= 1
+
+
+async def _process(relay: Relay, tx: Transaction) -> Outcome:
     if not crlf_only(tx.content):
         return Outcome(refuse("msg.bad_line_ending"))
     block_end, body_start = split_offsets(tx.content)     # offsets: a large body is not copied
@@ -193,7 +201,9 @@ async def process(relay: Relay, tx: Transaction) -> Outcome:
         first_log = first_log or {"bounce_of": rcpt.bounce_of, "bounce": outcome}
     if acc.items:
         if relay.hand_off is not None:
-            relay.hand_off(acc)           # delivered from memory once committed, if a worker is free
+            # Delivered from memory once committed, if a worker is free (a small message only
+            # when it is the only one being taken in: docs/decisions/0022).
+            relay.hand_off(acc, relay.in_intake == 1)
         try:
             await relay.enqueuer.commit(acc)
         except BaseException:

@@ -167,9 +167,9 @@ def _part(walk: _Walk, head: _Head, offsets: tuple[int, int, int], end: int, dep
         return
     walk.leaves.append(Leaf(*offsets, end, headers, ctype, cte, top))
     if cte == "base64" and len(raw) > _LAZY_MIN:
-        head = _base64_head(raw)
-        if head is not None:
-            walk.attachments.append(Attachment(str(filename or ""), ctype, *head))
+        sniffed = _base64_head(raw)
+        if sniffed is not None:
+            walk.attachments.append(Attachment(str(filename or ""), ctype, *sniffed))
             return
     data = _decode_content(raw, cte)
     size = len(data)
