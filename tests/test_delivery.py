@@ -388,7 +388,7 @@ def test_queue_ids_sort_by_acceptance_time_and_do_not_repeat():
 
 def test_minted_message_ids_sort_by_time_and_stay_unguessable():
     # The Message-ID map's primary key: minted ids go to its right-hand edge, not a random page.
-    from bsm_relay.relay.intake import mint_message_id
+    from bsm_relay.relay.queue import mint_message_id
     earlier = [mint_message_id("marketplace.example") for _ in range(2000)]
     time.sleep(0.002)
     later = mint_message_id("marketplace.example")

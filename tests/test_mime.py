@@ -141,6 +141,20 @@ def test_single_part_8bit_without_charset_gets_charset_and_encoding_headers() ->
     assert msg.get_content().replace("\r\n", "\n") == "Café: write to [email removed]\n"
 
 
+def test_part_heads_shared_by_equal_blocks_are_never_changed_by_a_rewrite() -> None:
+    # Equal header blocks share one parsed head (mime._head): a rewrite that gives a part a new
+    # charset must build its own field, or the next message with the same block would read it.
+    header = b"Content-Type: text/plain\r\n"
+    first = mime.parse(header, "Café: bob@example.com\r\n".encode("latin-1"))
+    out = mime.rewrite_texts(first, masker)
+    assert out.headers["Content-Type"] == 'text/plain; charset="utf-8"'
+    second = mime.parse(header, b"plain words\r\n")
+    assert second.leaves[0].headers is first.leaves[0].headers             # the shared head
+    assert second.leaves[0].headers.get_content_charset() is None
+    assert str(second.leaves[0].headers["Content-Type"]) == "text/plain"
+    assert second.leaves[0].charset == "ascii" and second.text_parts[0].text == "plain words\r\n"
+
+
 def test_single_part_base64_stays_base64() -> None:
     text = "こんにちは。連絡先 bob@example.com まで。\r\n"
     raw = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"

@@ -346,3 +346,18 @@ def test_digit_and_link_scans_on_known_texts():
     assert _content._has_link_hint("see WWW.x") and _content._has_link_hint("ftp://h")
     assert _content._has_link_hint("é www.x")
     assert not _content._has_link_hint("www x") and not _content._has_link_hint("é :/ /")
+
+
+def test_a_masked_part_is_kept_per_parties_and_its_findings_are_fresh_lists():
+    # The rules and the rewrite mask each part with the same arguments and share one result;
+    # another pair's addresses must never be answered from it.
+    rules = ContentRules()
+    part = TextPart("text/plain", "write to ann@shop.example or bob@home.example")
+    ann, bob = Parties(("ann@shop.example",), ()), Parties(("bob@home.example",), ())
+    masked_ann, found = mask_part(part, rules, ann)
+    found.append("junk")
+    again, found_again = mask_part(part, rules, ann)
+    assert again == masked_ann and "junk" not in found_again
+    plain = mask_part(part, ContentRules(emails=Action.ALLOW), ann)[0].text
+    assert "ann@shop.example" not in plain and "bob@home.example" in plain   # parties always masked
+    assert "bob@home.example" not in mask_part(part, ContentRules(emails=Action.ALLOW), bob)[0].text

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import functools
 import hmac
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from .headers import (
     split_offsets,
 )
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
-from .queue import Accepted, new_queue_id, row
+from .queue import Accepted, mint_message_id, new_queue_id, row
 from .rewrite import RewritePlan, format_received, render, render_head
 from .store import BuyerRow, SellerRow
 
@@ -309,16 +308,6 @@ async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision:
         return
     await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[entry],
                                          after=[relay.store.attempt_recorder(*pending)]))
-
-
-def mint_message_id(domain: str) -> str:
-    """The Message-ID a forwarded message gets: the time in milliseconds (11 hex digits, as in
-    queue ids), then 96 random bits.  The ids sort by minting time, so each message's row goes to
-    the right-hand edge of the Message-ID map's primary key instead of to a random page of it: a
-    random 4 KB page per message written through the WAL and again by the checkpoint.  The
-    time is no secret (the Date and Received fields show it); the random part keeps the id
-    unguessable."""
-    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(12)}@{domain}"
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,

@@ -32,12 +32,26 @@ from .db import Reads
 from .models import MessageEvent, QueueItem, QueueRecipient
 
 
+def _time_sorted(random_bytes: int) -> str:
+    """The time in milliseconds (11 hex digits), then ``random_bytes`` random bytes in hex: ids
+    made later sort after, so rows keyed on them go to the right-hand edge of an index rather than
+    to a random page of it (a page read and written per row and group commit)."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(random_bytes)}"
+
+
 def new_queue_id() -> str:
-    """``q``, the time in milliseconds (11 hex digits), 32 random bits.  The ids sort by acceptance
-    time, so a message's rows go to the right-hand edge of the indexes on queue ids (the queue's
-    own, the recipients', the log's and the events') rather than to a random page of each: fewer
-    pages read and written per group commit (about a fifth, measured with strace)."""
-    return f"q{time.time_ns() // 1_000_000:011x}{secrets.token_hex(4)}"
+    """``q`` and a time-sorted id with 32 random bits: a message's rows go to the right-hand edge
+    of the indexes on queue ids (the queue's own, the recipients', the log's and the events'):
+    fewer pages read and written per group commit (about a fifth, measured with strace)."""
+    return "q" + _time_sorted(4)
+
+
+def mint_message_id(domain: str) -> str:
+    """The Message-ID a forwarded message gets: a time-sorted id with 96 random bits, so the
+    Message-ID map's primary key grows at its right-hand edge (a random id cost a random 4 KB page
+    per message through the WAL and again through the checkpoint).  The time is no secret (the
+    Date and Received fields show it); the random part keeps the id unguessable."""
+    return f"{_time_sorted(12)}@{domain}"
 
 
 Unit = Callable[[AsyncSession], Awaitable[Any]]
