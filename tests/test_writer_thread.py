@@ -1,0 +1,82 @@
+"""SQLite's writer thread (``queue.Enqueuer._writer``): groups are committed back to back without
+waiting for the event loop, and a stop answers every session that handed something over."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import time
+
+import dbtest
+import pytest
+from test_commit_stats import accepted
+
+from bsm_relay.relay import db
+from bsm_relay.relay.queue import Enqueuer, StorageError, list_items
+
+
+@pytest.fixture
+async def one_per_group(tmp_path):
+    """The serving writer on a fresh SQLite file, one entry per group."""
+    database = dbtest.fresh(tmp_path)
+    if database.is_postgres:
+        pytest.skip("the writer thread is SQLite's (PostgreSQL commits through asyncpg on the loop)")
+    engine = database.engine()
+    await db.migrate(engine)
+    sessions = db.sessionmaker(engine)
+    enqueuer = Enqueuer(sessions, max_batch=1, write_lock=db.write_lock(database.engine_url),
+                        sync_engine=db.make_sync_writer_engine(database.engine_url))
+    enqueuer.start()
+    yield enqueuer, sessions, database
+    await enqueuer.stop()
+    await engine.dispose()
+    await database.adrop()
+
+
+def _queued(database) -> set[str]:
+    with sqlite3.connect(database.sqlite_path) as conn:
+        return {qid for (qid,) in conn.execute("SELECT id FROM queue")}
+
+
+async def test_groups_are_committed_while_the_event_loop_is_busy(one_per_group):
+    enqueuer, _, database = one_per_group
+    commits = [asyncio.ensure_future(enqueuer.commit(accepted(f"qbusy{n}"))) for n in range(5)]
+    await asyncio.sleep(0)          # every session has handed its message over
+    # The event loop is now held by this coroutine (a busy loop: sessions parsing, signing).  The
+    # writer commits the five groups one after the other all the same; a writer driven from the
+    # loop would start none of them before the loop came back to it.
+    deadline, seen = time.monotonic() + 10, set()
+    while time.monotonic() < deadline and len(seen) < 5:
+        seen = _queued(database)
+        time.sleep(0.01)
+    assert seen == {f"qbusy{n}" for n in range(5)}
+    assert enqueuer.stats.groups == 5
+    assert not any(c.done() for c in commits)     # sessions learn of it when the loop runs again
+    await asyncio.gather(*commits)
+
+
+async def test_stop_answers_waiting_sessions_and_the_group_in_hand_ends(one_per_group):
+    enqueuer, sessions, database = one_per_group
+    # Another serve process holds the write lock: the writer takes the first message and waits.
+    fd = os.open(f"{database.sqlite_path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        first = asyncio.ensure_future(enqueuer.commit(accepted("qstop1")))
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(enqueuer.commit(accepted("qstop2")))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(enqueuer.stop())
+        await asyncio.sleep(0.2)
+        # Never begun: its session answers 451 now instead of waiting for a writer that stops.
+        assert second.done() and isinstance(second.exception(), StorageError)
+        assert not first.done()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        await first                   # the group in hand was committed, and its session told so
+        await stopping
+    finally:
+        os.close(fd)
+    assert [i["id"] for i in await list_items(sessions)] == ["qstop1"]
+    with pytest.raises(StorageError):
+        await enqueuer._submit(accepted("qstop3"))    # a writer that stopped takes nothing more
