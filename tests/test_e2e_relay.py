@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import email.utils
 import json
+import re
 import smtplib
 import time
 
@@ -119,6 +121,12 @@ def test_seller_to_buyer_delivered_and_scrubbed_then_reply_threads(relay, sink, 
     assert msg2["In-Reply-To"] == "<CAF+orig-1@mail.gmail.com>"
     assert "<CAF+orig-1@mail.gmail.com>" in msg2["References"]
     reply_minted = msg2["Message-ID"].strip("<>")
+    # The reply had no Date: it gets the time it arrived, with RFC 5322's numeric zone (not the
+    # obsolete "GMT"), the same text as the date of our Received field.
+    date = re.search(rb"(?m)^Date: (.*)\r$", got2.data).group(1).decode()
+    assert re.fullmatch(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} \+0000", date), date
+    assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 300
+    assert " ".join(msg2["Received"].split()).endswith("; " + date)
 
     # And the seller's answer to that reply threads for the buyer on the buyer's own id.
     answer = (f"From: {SELLER}\r\nTo: {aliases['buyer']}\r\nSubject: Re: Re: Your order\r\n"

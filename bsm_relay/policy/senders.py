@@ -5,12 +5,12 @@ Pure: the relay looks up the address's status and hands it in.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from .decision import ACCEPT, Decision, refuse
 
 
-class SenderStatus(str, Enum):
+class SenderStatus(StrEnum):
     PRIMARY = "primary"     # the seller's primary address: always approved
     APPROVED = "approved"
     PENDING = "pending"

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hmac
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import formatdate, mktime_tz, parsedate_tz
+from email.utils import mktime_tz, parsedate_tz
 
 from ..aliases.codec import AliasRef, Direction
 from ..policy import senders
@@ -39,7 +38,7 @@ from .headers import (
 )
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
 from .queue import Accepted, mint_message_id, new_queue_id, row
-from .rewrite import RewritePlan, format_received, render, render_head
+from .rewrite import RewritePlan, date_text, format_received, render, render_head
 from .store import BuyerRow, SellerRow
 
 MAX_HOPS = 50
@@ -334,14 +333,15 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
     for parent in in_reply_to:  # RFC 5322 3.6.4: the parent's id ends References
         if parent not in references:
             references.append(parent)
+    when = datetime.fromtimestamp(now, UTC)
     plan = RewritePlan(
         from_display=f"{display} via {settings.aliases.marketplace_name}",
         from_alias=reply_alias, to_address=to_address, reply_to=reply_alias,
         message_id=minted, in_reply_to=in_reply_to, references=list(dict.fromkeys(references)),
-        received=format_received(settings.smtp.hostname, qid, datetime.fromtimestamp(now, UTC)),
+        received=format_received(settings.smtp.hostname, qid, when),
         extra=([("Authentication-Results", auth_results)] if auth_results else [])
         + [(LOOP_HEADER, relay.loop_marker)],
-        date_if_missing=_rfc5322_date(now))
+        date_if_missing=date_text(when))
     spool_path = None
     q = settings.queue
     if len(content) > q.spool_threshold and spool.enabled(q.spool_threshold):
@@ -366,10 +366,3 @@ async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, 
     return qid, [item, recipient, thread, log]
 
 
-def _rfc5322_date(now: float) -> str:
-    return _gmt_date(int(now))
-
-
-@functools.lru_cache(maxsize=4)
-def _gmt_date(second: int) -> str:
-    return formatdate(second, usegmt=True)

@@ -9,7 +9,6 @@ that carry it (``MAIL FROM:<>``, kind ``notice``).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from datetime import UTC, datetime
 from .bounce import FailedRecipient, build_dsn
 from .headers import split_message
 from .models import QueueItem, QueueRecipient
-from .queue import new_queue_id
+from .queue import mint_message_id, new_queue_id
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def notice_rows(*, hostname: str, alias_domain: str, origin_sender: str, origina
                                     will_retry_until=until if f.action == "delayed" else None)
                     for f in failures],
         arrival=datetime.fromtimestamp(created_at, UTC), scrub=scrub,
-        message_id=f"{secrets.token_hex(16)}@{alias_domain}",
+        message_id=mint_message_id(alias_domain),
         now=datetime.fromtimestamp(now, UTC))
     qid = new_queue_id()
     item = QueueItem(id=qid, kind="notice", envelope_from="", origin_sender=None, body=dsn, size=len(dsn),

@@ -23,7 +23,7 @@ from email.utils import format_datetime
 
 from .headers import Header, parse_headers, split_message, split_offsets
 
-__all__ = ["KEEP", "RewritePlan", "format_received", "render", "rewrite_headers"]
+__all__ = ["KEEP", "RewritePlan", "date_text", "format_received", "render", "rewrite_headers"]
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,13 @@ def format_received(hostname: str, queue_id: str, when: datetime, protocol: str 
     for part in (hostname, queue_id, protocol):
         if not _TOKEN.fullmatch(part):
             raise ValueError(f"not a plain token for a Received field: {part!r}")
-    date = _date_text(when.replace(microsecond=0), when.utcoffset())
-    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {date}"
+    return f"by {hostname} (bsm-relay) with {protocol} id {queue_id}; {date_text(when)}"
+
+
+def date_text(when: datetime) -> str:
+    """RFC 5322's date-time of ``when`` to the second, with its numeric zone (``+0000``): our
+    Received field's, and the Date a message without one is given."""
+    return _date_text(when.replace(microsecond=0), when.utcoffset())
 
 
 @functools.lru_cache(maxsize=4)
