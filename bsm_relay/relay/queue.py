@@ -209,48 +209,34 @@ class Enqueuer:
         # of its return cost as much as a small group's rows); one group at a time uses it.
         self._conn: Connection | None = None
         self._conn_lock = threading.Lock()
-        self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]]] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        # SQLite: the writer thread's own queue (see _writer); None when the task writes.
-        self._waiting: list[tuple[Entry, asyncio.Future[Any]]] | None = None
-        self._more = threading.Condition()
-        self._stopping = False
         self._stopped = False                # once stopped, nothing more is taken (451)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
         self.stats = CommitStats()
 
     def start(self) -> None:
-        if self._sync_engine is None:
-            self._task = asyncio.create_task(self._run(), name="enqueuer")
-            return
-        self._loop = asyncio.get_running_loop()
-        self._waiting, self._stopping = [], False
-        self._thread = threading.Thread(target=self._writer, name="bsm-relay-writer", daemon=True)
-        self._thread.start()
+        self._task = asyncio.create_task(self._run(), name="enqueuer")
 
     async def stop(self) -> None:
+        """The group in hand, if any, ends first (its sessions get their answer; one stuck on a
+        locked database is given up after 2 s); what waits for a later group is answered 451."""
         self._stopped = True
+        while not self._pending.empty():       # never begun: the sessions answer 451 now
+            waiting = self._pending.get_nowait()
+            if waiting is not None:
+                _fail(waiting[1], StorageError("the relay is stopping"))
+                _settle(waiting[0], False)
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._pending.put_nowait(None)    # wakes an idle writer
+            done, _ = await asyncio.wait({self._task}, timeout=2.0)
+            if not done:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
             self._task = None
-        if self._thread is not None:
-            with self._more:
-                self._stopping = True
-                left, self._waiting = self._waiting or [], None
-                self._more.notify()
-            for entry, fut in left:           # never begun: the sessions answer 451
-                _fail(fut, StorageError("the relay is stopping"))
-                _settle(entry, False)
-            # The group in hand, if any, ends first (its sessions get their answer); one stuck on
-            # a locked database is left to end with the process rather than hold up the shutdown.
-            await asyncio.to_thread(self._thread.join, 2.0)
-            self._thread = None
         if self._sync_engine is not None:
             await asyncio.to_thread(self._close_connection)
             self._sync_engine.dispose()
@@ -263,7 +249,7 @@ class Enqueuer:
 
     async def run(self, unit: Unit) -> Any:
         """Run ``unit(session)`` inside the next group's transaction; its result once committed."""
-        if self._task is None and self._thread is None:   # not serving (a command, a test harness)
+        if self._task is None:            # not serving (a command, a test harness): on its own
             async with self._sessions.begin() as s:
                 return await unit(s)
         return await self._submit(unit)
@@ -279,14 +265,7 @@ class Enqueuer:
         if self._stopped:
             raise StorageError("the relay is stopping")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self._thread is not None:
-            with self._more:
-                if self._waiting is None:
-                    raise StorageError("the relay is stopping")
-                self._waiting.append((entry, fut))
-                self._more.notify()
-        else:
-            await self._pending.put((entry, fut))
+        self._pending.put_nowait((entry, fut))
         # The future only tells this session the group's outcome: a session cancelled meanwhile
         # cancels it, and the writer, which holds the group, commits the group all the same (all
         # or nothing per group).  Not shielded: a shield costs one more turn of a busy event loop
@@ -294,11 +273,25 @@ class Enqueuer:
         return await fut
 
     async def _run(self) -> None:
-        while True:
-            batch = [await self._pending.get()]
-            while len(batch) < self._max_batch and not self._pending.empty():
-                batch.append(self._pending.get_nowait())
-            await self._commit(batch, self._write)
+        while not self._stopped:
+            first = await self._pending.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._max_batch and not self._pending.empty() and not self._stopped:
+                following = self._pending.get_nowait()
+                if following is None:
+                    break
+                batch.append(following)
+            if self._sync_engine is not None:
+                rows = [(e, f) for e, f in batch if _rowish(e)]
+                rest = [(e, f) for e, f in batch if not _rowish(e)]
+                if rows:
+                    await self._commit(rows, self._write_in_thread)
+                if rest:
+                    await self._commit(rest, self._write)
+            else:
+                await self._commit(batch, self._write)
             if any(isinstance(entry, Accepted) and entry.items and not entry.leased for entry, _ in batch):
                 self.wakeup.set()         # new queue items: delivery has work (leased ones are in hand)
 
@@ -325,56 +318,8 @@ class Enqueuer:
                 fut.set_result(result)
             _settle(entry, result is not _FAILED)
 
-    def _writer(self) -> None:
-        """SQLite's writer thread: takes what the sessions and delivery handed over and commits
-        it group after group, back to back.  It never waits for the event loop between groups
-        (a busy loop took milliseconds to notice a group's end and start the next, and every
-        session waited for that); the loop is only asked to wake each group's sessions."""
-        assert self._loop is not None
-        while True:
-            with self._more:
-                while not self._waiting and not self._stopping:
-                    self._more.wait()
-                if self._stopping or self._waiting is None:
-                    return
-                batch, self._waiting = self._waiting[:self._max_batch], self._waiting[self._max_batch:]
-            rows = [(e, f) for e, f in batch if _rowish(e)]
-            rest = [(e, f) for e, f in batch if not _rowish(e)]
-            try:
-                if rows:
-                    self._loop.call_soon_threadsafe(self._answer, rows, self._commit_sync(rows))
-                if rest:          # async units: on the loop, while this thread waits (one writer)
-                    asyncio.run_coroutine_threadsafe(self._commit(rest, self._write), self._loop).result()
-            except RuntimeError:  # the loop is closed: nobody is left to answer
-                return
-
-    def _commit_sync(self, batch: list[tuple[Entry, asyncio.Future[Any]]]) -> list[Any]:
-        """:meth:`_commit`'s rule in the writer thread: one result or one exception per entry."""
-        entries = [entry for entry, _ in batch]
-        try:
-            return self._write_sync(entries)
-        except Exception as exc:
-            if len(batch) == 1 or _storage_trouble(exc):
-                return [exc] * len(batch)
-            results: list[Any] = []
-            for entry in entries:            # one at a time: only the broken entry fails
-                try:
-                    results.append(self._write_sync([entry])[0])
-                except Exception as one:
-                    results.append(one)
-            return results
-
-    def _answer(self, batch: list[tuple[Entry, asyncio.Future[Any]]], results: list[Any]) -> None:
-        """On the loop: a group's sessions learn its outcome; delivery learns of new items."""
-        for (entry, fut), result in zip(batch, results, strict=True):
-            failed = isinstance(result, Exception)
-            if failed:
-                _fail(fut, result)
-            elif not fut.done():
-                fut.set_result(result)
-            _settle(entry, not failed)
-        if any(isinstance(entry, Accepted) and entry.items and not entry.leased for entry, _ in batch):
-            self.wakeup.set()
+    async def _write_in_thread(self, entries: list[Entry]) -> list[Any]:
+        return await asyncio.to_thread(self._write_sync, entries)
 
     def _write_sync(self, entries: list[Entry]) -> list[Any]:
         assert self._sync_engine is not None

@@ -1,13 +1,11 @@
-"""SQLite's writer thread (``queue.Enqueuer._writer``): groups are committed back to back without
-waiting for the event loop, and a stop answers every session that handed something over."""
+"""The serving writer (``queue.Enqueuer``) at stop and when a session goes away: every session
+that handed something over gets an answer, and a group is committed whole or not at all."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
 import os
-import sqlite3
-import time
 
 import dbtest
 import pytest
@@ -22,7 +20,7 @@ async def one_per_group(tmp_path):
     """The serving writer on a fresh SQLite file, one entry per group."""
     database = dbtest.fresh(tmp_path)
     if database.is_postgres:
-        pytest.skip("the writer thread is SQLite's (PostgreSQL commits through asyncpg on the loop)")
+        pytest.skip("a group is held up from outside by taking SQLite's write lock (an flock)")
     engine = database.engine()
     await db.migrate(engine)
     sessions = db.sessionmaker(engine)
@@ -33,28 +31,6 @@ async def one_per_group(tmp_path):
     await enqueuer.stop()
     await engine.dispose()
     await database.adrop()
-
-
-def _queued(database) -> set[str]:
-    with sqlite3.connect(database.sqlite_path) as conn:
-        return {qid for (qid,) in conn.execute("SELECT id FROM queue")}
-
-
-async def test_groups_are_committed_while_the_event_loop_is_busy(one_per_group):
-    enqueuer, _, database = one_per_group
-    commits = [asyncio.ensure_future(enqueuer.commit(accepted(f"qbusy{n}"))) for n in range(5)]
-    await asyncio.sleep(0)          # every session has handed its message over
-    # The event loop is now held by this coroutine (a busy loop: sessions parsing, signing).  The
-    # writer commits the five groups one after the other all the same; a writer driven from the
-    # loop would start none of them before the loop came back to it.
-    deadline, seen = time.monotonic() + 10, set()
-    while time.monotonic() < deadline and len(seen) < 5:
-        seen = _queued(database)
-        time.sleep(0.01)
-    assert seen == {f"qbusy{n}" for n in range(5)}
-    assert enqueuer.stats.groups == 5
-    assert not any(c.done() for c in commits)     # sessions learn of it when the loop runs again
-    await asyncio.gather(*commits)
 
 
 async def test_stop_answers_waiting_sessions_and_the_group_in_hand_ends(one_per_group):
