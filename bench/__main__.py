@@ -185,7 +185,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs of each case, bsm-relay and Postfix in turn; the median is shown "
-                             "(default 3, 1 with --quick)")
+                             "(default 5, 1 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--python-load", action="store_true",
                         help="drive every connection from this process's asyncio load generator, even where "
@@ -196,7 +196,7 @@ def main() -> int:
         return 1
     # Enough messages for each case to run several seconds on a fast machine (about 1,000 msg/s
     # at 2 KB): shorter cases measured start-up and the queue's drain more than the steady state.
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 5)
     counts = {2048: 100, 102400: 40} if args.quick else {2048: 5000, 102400: 2000}
     refusals = 100 if args.quick else 4000
     # Accepted loads over 20 connections: smtp-source carries 18, two are this process's timed
