@@ -314,6 +314,11 @@ def test_metrics_move_when_messages_pass(relay, run, metrics_port):
     assert after['bsm_relay_deliveries_total{kind="forward",outcome="failed"}'] == 1
     assert after['bsm_relay_delivery_latency_seconds_count{kind="forward"}'] == 3
     assert after["bsm_relay_upstream_delay_seconds_count"] == 4
+    # Each accepted message's wait from its final dot to the 250: a commit (with its fsync) takes
+    # some time, and on a test machine far less than 30 s.
+    assert after["bsm_relay_accept_wait_seconds_count"] == 4
+    assert after["bsm_relay_accept_wait_seconds_sum"] > 0
+    assert after['bsm_relay_accept_wait_seconds_bucket{le="30.0"}'] == 4
     assert after['bsm_relay_upstream_delay_seconds_bucket{le="1800.0"}'] == 3     # the late one is above
     assert after["bsm_relay_smtp_sessions_total"] >= before["bsm_relay_smtp_sessions_total"] + 5
     assert after['bsm_relay_queue_depth{status="queued"}'] == 0

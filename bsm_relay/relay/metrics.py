@@ -2,7 +2,7 @@
 
 Off unless ``[metrics] listen`` is set.  The hot modules know nothing of metrics: a log
 observer (``log.observe``) counts the events as they are logged: ``smtp.connected``
-(sessions), ``message.accepted`` (and its ``upstream_delay``), ``smtp.rejected`` (by reason
+(sessions), ``message.accepted`` (its ``accept_wait`` and ``upstream_delay``), ``smtp.rejected`` (by reason
 code and stage), ``delivery.delivered`` / ``deferred`` / ``failed`` (and each delivery's
 ``latency``), ``bounce.received``.  Queue depth and the oldest item's age come from a
 periodic async query on the event loop; the group commit's totals are read from the writer's
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 9125
 # From "delivered at once" to "the queue's 5-day lifetime".
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400, 432000)
+# End of DATA -> 250: a millisecond when idle, tens under load, seconds when the disk stalls.
+ACCEPT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Sender-side delays worth telling apart: seconds, minutes, "your provider held it for an hour".
 UPSTREAM_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 
@@ -80,6 +82,9 @@ class RelayMetrics:
         self.errors = Counter("bsm_relay_errors", "Internal errors, by log event", ["event"], registry=r)
         self.latency = Histogram("bsm_relay_delivery_latency_seconds", "Seconds from acceptance to delivery",
                                  ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.accept_wait = Histogram("bsm_relay_accept_wait_seconds",
+                                     "Seconds from a message's final dot to its 250, the group commit included",
+                                     buckets=ACCEPT_BUCKETS, registry=r)
         self.upstream = Histogram("bsm_relay_upstream_delay_seconds",
                                   "Seconds the sender's side held a message before it reached the relay",
                                   buckets=UPSTREAM_BUCKETS, registry=r)
@@ -103,6 +108,9 @@ class RelayMetrics:
             self.sessions.inc()
         elif name == "message.accepted":
             self.accepted.inc()
+            wait = event.get("accept_wait")
+            if isinstance(wait, (int, float)):
+                self.accept_wait.observe(wait)
             delay = event.get("upstream_delay")
             if isinstance(delay, (int, float)):
                 self.upstream.observe(delay)

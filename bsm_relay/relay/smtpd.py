@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
@@ -322,6 +323,7 @@ class RelaySMTP(SMTP):
             await self.push(reply(data.refusal, limit=self.data_size_limit))
             return
         self.envelope.content = self.envelope.original_content = data.content
+        self.envelope.bsm_data_end = time.monotonic()  # type: ignore[attr-defined]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
@@ -479,10 +481,12 @@ class Handler:
         if not outcome.queue_ids:   # only bounce addresses: handled, nothing of the sender's queued
             self.log.info("bounce.received", session=tx.session_id, **outcome.log)
             return reply("ok.bounce")
+        # Seconds from the final dot to the 250 (the group commit included): what the client waits.
+        wait = round(time.monotonic() - getattr(envelope, "bsm_data_end", time.monotonic()), 4)
         for qid in outcome.queue_ids:
             # mail_from is the sender's own address: a keyed digest in the log unless [logging] redact = false.
             self.log.info("message.accepted", queue_id=qid, session=tx.session_id, size=len(content),
-                          mail_from=tx.mail_from, **outcome.log)
+                          mail_from=tx.mail_from, accept_wait=wait, **outcome.log)
         return reply("ok.queued", queue_id=" ".join(outcome.queue_ids))
 
     async def handle_exception(self, error: Exception) -> str:
