@@ -5,6 +5,7 @@ process's write lock.  The metrics endpoint exports them (test_e2e_observability
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import time
@@ -28,20 +29,29 @@ def accepted(qid: str) -> Accepted:
                         alias="b-1@marketplace.example", status="pending")])
 
 
-@pytest.fixture
-async def writer(tmp_path):
-    """The serving process's writer as ``open_relay`` builds it, on a fresh database."""
+@contextlib.asynccontextmanager
+async def serving_writer(tmp_path, **kwargs):  # type: ignore[no-untyped-def]
+    """The serving process's writer as ``open_relay`` builds it, on a fresh database, started
+    (``kwargs``: more of ``Enqueuer``'s arguments); stopped and dropped on the way out."""
     database = dbtest.fresh(tmp_path)
     engine = database.engine()
     await db.migrate(engine)
     sessions = db.sessionmaker(engine)
     enqueuer = Enqueuer(sessions, write_lock=db.write_lock(database.engine_url),
-                        sync_engine=db.make_sync_writer_engine(database.engine_url))
+                        sync_engine=db.make_sync_writer_engine(database.engine_url), **kwargs)
     enqueuer.start()
-    yield enqueuer, sessions, database
-    await enqueuer.stop()
-    await engine.dispose()
-    await database.adrop()
+    try:
+        yield enqueuer, sessions, database
+    finally:
+        await enqueuer.stop()
+        await engine.dispose()
+        await database.adrop()
+
+
+@pytest.fixture
+async def writer(tmp_path):
+    async with serving_writer(tmp_path) as started:
+        yield started
 
 
 async def test_each_group_is_counted_with_its_entries_and_time(writer):

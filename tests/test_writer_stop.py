@@ -9,28 +9,18 @@ import os
 
 import dbtest
 import pytest
-from test_commit_stats import accepted
+from test_commit_stats import accepted, serving_writer, writer  # noqa: F401
 
-from bsm_relay.relay import db
-from bsm_relay.relay.queue import Enqueuer, StorageError, list_items
+from bsm_relay.relay.queue import StorageError, list_items
 
 
 @pytest.fixture
 async def one_per_group(tmp_path):
     """The serving writer on a fresh SQLite file, one entry per group."""
-    database = dbtest.fresh(tmp_path)
-    if database.is_postgres:
+    if dbtest.on_postgres():
         pytest.skip("a group is held up from outside by taking SQLite's write lock (an flock)")
-    engine = database.engine()
-    await db.migrate(engine)
-    sessions = db.sessionmaker(engine)
-    enqueuer = Enqueuer(sessions, max_batch=1, write_lock=db.write_lock(database.engine_url),
-                        sync_engine=db.make_sync_writer_engine(database.engine_url))
-    enqueuer.start()
-    yield enqueuer, sessions, database
-    await enqueuer.stop()
-    await engine.dispose()
-    await database.adrop()
+    async with serving_writer(tmp_path, max_batch=1) as started:
+        yield started
 
 
 async def test_stop_answers_waiting_sessions_and_the_group_in_hand_ends(one_per_group):
@@ -58,32 +48,21 @@ async def test_stop_answers_waiting_sessions_and_the_group_in_hand_ends(one_per_
         await enqueuer._submit(accepted("qstop3"))    # a writer that stopped takes nothing more
 
 
-async def test_a_session_cancelled_while_waiting_leaves_its_group_whole(tmp_path):
-    database = dbtest.fresh(tmp_path)
-    engine = database.engine()
-    await db.migrate(engine)
-    sessions = db.sessionmaker(engine)
-    enqueuer = Enqueuer(sessions, write_lock=db.write_lock(database.engine_url),
-                        sync_engine=db.make_sync_writer_engine(database.engine_url))
-    enqueuer.start()
-    try:
-        # Two sessions' messages in one group, held up (SQLite: by another process's write lock;
-        # PostgreSQL: by nothing, the group may be done before the cancel, which is as good).
-        fd = None if database.is_postgres else os.open(f"{database.sqlite_path}.writelock",
-                                                       os.O_RDWR | os.O_CREAT, 0o600)
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        gone = asyncio.ensure_future(enqueuer.commit(accepted("qcancel1")))
-        kept = asyncio.ensure_future(enqueuer.commit(accepted("qcancel2")))
-        await asyncio.sleep(0.1)
-        gone.cancel()                 # its client hung up while the group was being written
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        await kept
-        assert gone.cancelled() or gone.exception() is None
-        assert sorted(i["id"] for i in await list_items(sessions)) == ["qcancel1", "qcancel2"]
-    finally:
-        await enqueuer.stop()
-        await engine.dispose()
-        await database.adrop()
+async def test_a_session_cancelled_while_waiting_leaves_its_group_whole(writer):  # noqa: F811
+    enqueuer, sessions, database = writer
+    # Two sessions' messages in one group, held up (SQLite: by another process's write lock;
+    # PostgreSQL: by nothing, the group may be done before the cancel, which is as good).
+    fd = None if database.is_postgres else os.open(f"{database.sqlite_path}.writelock",
+                                                   os.O_RDWR | os.O_CREAT, 0o600)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    gone = asyncio.ensure_future(enqueuer.commit(accepted("qcancel1")))
+    kept = asyncio.ensure_future(enqueuer.commit(accepted("qcancel2")))
+    await asyncio.sleep(0.1)
+    gone.cancel()                     # its client hung up while the group was being written
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    await kept
+    assert gone.cancelled() or gone.exception() is None
+    assert sorted(i["id"] for i in await list_items(sessions)) == ["qcancel1", "qcancel2"]
