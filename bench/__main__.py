@@ -190,7 +190,11 @@ def main() -> int:
     parser.add_argument("--python-load", action="store_true",
                         help="drive every connection from this process's asyncio load generator, even where "
                              "Postfix's smtp-source is installed (as sessions 1-9 did)")
+    parser.add_argument("--cases", default=None,
+                        help="only these cases, comma-separated: 2k1, 2k20, 100k1, 100k20, refuse, refuse-hdr "
+                             "(default: all); for A/B runs of one case")
     args = parser.parse_args()
+    wanted = set(args.cases.split(",")) if args.cases else None
     if not postfix_available():
         print("make bench needs Postfix (postfix, smtp-sink) and root to run a throwaway instance", file=sys.stderr)
         return 1
@@ -221,6 +225,8 @@ def main() -> int:
             for size, total in counts.items():
                 message = make_message(relay.alias, size)
                 for conns in (1, 20):
+                    if wanted is not None and f"{size // 1024}k{conns}" not in wanted:
+                        continue
                     n = total if conns == 20 else total // 4
                     runs: dict[str, list[dict]] = {"bsm-relay": [], "postfix": []}
                     for _ in range(repeat):
@@ -237,6 +243,8 @@ def main() -> int:
             # From (what bsm-relay's rule is about); both refuse after DATA.
             refused = make_message(relay.alias, 2048, sender=OTHER)
             for kind, mail_from in (("refuse", OTHER), ("refuse-hdr", SELLER)):
+                if wanted is not None and kind not in wanted:
+                    continue
                 runs = {"bsm-relay": [], "postfix": []}
                 for _ in range(repeat):
                     for name, target in (("bsm-relay", relay), ("postfix", postfix)):

@@ -23,6 +23,8 @@ import asyncio
 import io
 from dataclasses import dataclass
 
+from . import scan
+
 END = b"\r\n.\r\n"
 # RFC 5321 4.5.3.1.6: 998 octets + CRLF, plus one for a transparency dot (aiosmtpd's limit).
 LINE_LIMIT = 1001
@@ -108,7 +110,7 @@ class _Unstuffer:
             piece = piece[1:]
         elif self.before.endswith(b"\r") and piece[:2] == b"\n.":
             piece = piece[:1] + piece[2:]
-        if b"\r\n." in piece:
+        if scan.contains(piece, b"\r\n."):
             piece = piece.replace(b"\r\n.", b"\r\n")
         self.before = (self.before + raw)[-2:] if len(raw) < 2 else raw[-2:]
         return piece

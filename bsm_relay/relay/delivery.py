@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
-from . import log, mx, pipelining, spool
+from . import log, mx, pipelining, scan, spool
 from .dkim import DkimSigner, body_hash_relaxed
 from .headers import DOT_ATOM, split_message
 from .notify import Failure, may_notify, notice_rows
@@ -162,7 +162,7 @@ async def _send_stuffed(client: aiosmtplib.SMTP, envelope_from: str, recipients:
 
 def _stuff(lines: bytes) -> bytes:
     """Dot-stuffing of whole lines (RFC 5321 4.5.2)."""
-    data = lines.replace(b"\r\n.", b"\r\n..")
+    data = lines.replace(b"\r\n.", b"\r\n..") if scan.contains(lines, b"\r\n.") else lines
     return b"." + data if data.startswith(b".") else data
 
 

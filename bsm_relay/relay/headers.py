@@ -4,7 +4,8 @@ Everything here works on the header block as bytes and plain strings. The stdlib
 ``email`` parser costs about a hundred times more per message on this hot path, and its
 address parser has been fooled before (CVE-2023-27043), so the one field whose meaning
 decides who may write to a buyer -- From -- is read by a small strict tokenizer that
-refuses anything it cannot read one way only.  Pure, stdlib only, no I/O.
+refuses anything it cannot read one way only.  Pure, no I/O: the stdlib, and ``scan`` for the
+one whole-block byte check.
 
 The SMTP server has already refused bare CR, bare LF and NUL; the checks here repeat
 that cheaply so this module is safe on its own.
@@ -17,11 +18,12 @@ import binascii
 import re
 from typing import NamedTuple
 
+from .scan import crlf_only
+
 __all__ = [
     "AmbiguousFrom",
     "Header",
     "Mailbox",
-    "crlf_only",
     "MalformedHeader",
     "MissingFrom",
     "get_all",
@@ -33,15 +35,6 @@ __all__ = [
     "split_message",
     "split_offsets",
 ]
-
-
-def crlf_only(data: bytes) -> bool:
-    """Every line break is CRLF and there is no NUL (docs/decisions/0003).  Every body the relay
-    queues passes this where its bytes are made: intake checks what the client sent, the rewrite
-    checks what it re-encodes, and everything else is built from CRLF lines; delivery then sends
-    queued bodies as they are."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") == crlf and data.count(b"\n") == crlf and b"\0" not in data
 
 
 class MalformedHeader(ValueError):

@@ -28,7 +28,6 @@ from .headers import (
     Header,
     MalformedHeader,
     MissingFrom,
-    crlf_only,
     get_all,
     parse_from,
     parse_headers,
@@ -39,6 +38,7 @@ from .headers import (
 from .models import MessageLog, QueueItem, QueueRecipient, ThreadId
 from .queue import Accepted, mint_message_id, new_queue_id, row
 from .rewrite import RewritePlan, date_text, format_received, render, render_head
+from .scan import crlf_only
 from .store import BuyerRow, SellerRow
 
 MAX_HOPS = 50
