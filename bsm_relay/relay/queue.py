@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import secrets
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, literal_column, or_, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -530,20 +532,26 @@ _CLAIMED = (_QUEUE.c.id, _QUEUE.c.kind, _QUEUE.c.envelope_from, _QUEUE.c.origin_
             _QUEUE.c.attempts, _QUEUE.c.created_at, _QUEUE.c.delay_notified, _QUEUE.c.session_id,
             _QUEUE.c.spool_path)
 _PENDING_RCPTS = (select(_RCPTS.c.id, _RCPTS.c.queue_id, _RCPTS.c.address, _RCPTS.c.alias)
-                  .where(_RCPTS.c.queue_id.in_(bindparam("b_ids", expanding=True)), _RCPTS.c.status == "pending"))
+                  .where(_RCPTS.c.queue_id.in_(bindparam("b_ids", expanding=True)),
+                         _RCPTS.c.status == literal_column("'pending'")))
+
+
+@functools.lru_cache(maxsize=128)
+def _pending_sqlite(count: int) -> str:
+    """``_PENDING_RCPTS`` for ``count`` ids, as SQLite's driver takes it (``?`` each)."""
+    expanded = _PENDING_RCPTS.params(b_ids=[""] * count)
+    return str(expanded.compile(dialect=sqlite_dialect(), compile_kwargs={"render_postcompile": True}))
 
 
 def _pending_recipients(conn: Connection, ids: list[str]) -> list[Any]:
     """(id, queue_id, address, alias) of the items' pending recipients.  On SQLite straight to
-    the driver: the statement's expanding IN made SQLAlchemy build it anew on every call (a
-    tenth of a handed-off message's commit)."""
+    the driver, with the statement compiled once per number of ids: its expanding IN made
+    SQLAlchemy build it anew on every call (a tenth of a handed-off message's commit)."""
     if conn.dialect.name != "sqlite":
         return list(conn.execute(_PENDING_RCPTS, {"b_ids": ids}).all())
-    sql = (f"SELECT id, queue_id, address, alias FROM {QueueRecipient.__tablename__} "
-           f"WHERE queue_id IN ({', '.join('?' * len(ids))}) AND status = 'pending'")
     cursor = conn.connection.dbapi_connection.cursor()     # type: ignore[union-attr]
     try:
-        cursor.execute(sql, ids)
+        cursor.execute(_pending_sqlite(len(ids)), ids)
         return list(cursor.fetchall())
     finally:
         cursor.close()
