@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 import uvloop
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH
 from delivery_harness import settings_for
 
 from bsm_relay.relay.delivery import SmarthostTarget
+from bsm_relay.relay.pipelining import PipeliningProtocol
 
 SENDER = "b-x@marketplace.example"
 BODY = b"From: a@marketplace.example\r\nTo: bea@buyers.example\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
@@ -254,3 +258,26 @@ def test_groups_after_starttls_over_a_real_smtp_server(tmp_path, run):
     finally:
         server.stop()
     assert [m.rcpt_tos for m in handler.messages] == [["bea@buyers.example"], ["bob@buyers.example"]]
+
+
+def test_data_after_a_parsed_reply_is_bounded_as_aiosmtplib_bounds_a_reply():
+    """Between a reply being parsed and the group's reader picking it up, what the server sends
+    next is kept for the next replies; a line that never ends is not kept past aiosmtplib's
+    bound on a reply but ends the group with an error."""
+    class Transport:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    async def main() -> None:
+        proto = PipeliningProtocol(loop=asyncio.get_running_loop())
+        proto.connection_made(Transport())           # type: ignore[arg-type]
+        proto.replies = deque()
+        proto.data_received(b"250 2.1.0 sender ok\r\n")  # the waiting read's reply
+        assert proto._response_waiter is not None and proto._response_waiter.done()
+        proto.data_received(b"250 2.1.5 recipient ok\r\n354 go")
+        assert [r.code for r in proto.replies] == [250] and proto.error is None   # the next, kept
+        for _ in range(16):
+            proto.data_received(b"x" * 8192)
+            assert len(proto._buffer) <= MAX_RESPONSE_LENGTH
+        assert isinstance(proto.error, aiosmtplib.SMTPResponseException) and proto.error.code == -1
+    asyncio.run(main())

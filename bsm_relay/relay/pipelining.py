@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections import deque
 
 import aiosmtplib
-from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -36,8 +37,17 @@ class PipeliningProtocol(SMTPProtocol):
             super().data_received(data)       # the first complete reply goes to the waiting read
             if not waiter.done():
                 return                        # nothing complete yet: the buffer holds it
+        elif self.error is not None:
+            return                            # the group has failed: its reader closes the connection
         else:
+            # Replies after one that is parsed and not yet picked up: kept, within aiosmtplib's
+            # bound on a reply (a server that never ends a line is not buffered without end).
             self._buffer.extend(data)
+            if len(self._buffer) > MAX_RESPONSE_LENGTH:
+                del self._buffer[:]
+                self.error = aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response.value,
+                                                              "Response too long")
+                return
         try:
             while (response := self._read_response_from_buffer()) is not None:
                 self.replies.append(response)
@@ -73,6 +83,7 @@ async def exchange(client: aiosmtplib.SMTP, group: bytes, count: int) -> list[SM
             if proto.replies:
                 out.append(proto.replies.popleft())
             elif proto.error is not None:
+                client.close()                 # the replies are out of step from here on
                 raise proto.error
             else:
                 out.append(await proto.read_response(timeout=client.timeout))
