@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_relay, serving
+from helpers import make_relay, seed_pair, serving, until
 from test_e2e_ops import Line, greeted
 
 from bsm_relay.policy.reasons import reply
@@ -117,6 +117,50 @@ def test_D3_locked_database_answers_451_430_without_internals_then_recovers(lock
     got = sink.wait_for(before + 1)
     assert b"while locked" not in b"".join(m.data for m in got)
     assert '"store.error"' in relay.log()
+
+
+def _refused_by(port: int, alias: str, sender: str) -> str:
+    conn = greeted(port)
+    assert conn.cmd("EHLO client.test").startswith("250")
+    assert conn.cmd(f"MAIL FROM:<{sender}>").startswith("250")
+    assert conn.cmd(f"RCPT TO:<{alias}>").startswith("250")
+    assert conn.cmd("DATA").startswith("354")
+    answer = conn.cmd(f"From: {sender}\r\nTo: {alias}\r\nSubject: hi\r\n\r\nhello\r\n.")
+    conn.close()
+    return answer
+
+
+def test_D3_a_refusal_is_answered_while_the_database_is_locked_and_logged_after(tmp_path, sink):
+    """A refusal's message-log row promises nothing: the refusal is answered at once, not after the
+    writer's next commit (which another process's lock holds up here), and the row is written when
+    the lock is let go.  (A new address's pending record is waited for: see the read-only case.)"""
+    r = make_relay(tmp_path, sink_port=sink.port)
+    if r.database is None or r.database.sqlite_path is None:
+        pytest.skip("the database is held up from outside by SQLite's write lock")
+    alias = seed_pair(r)["buyer_alias"]
+    stranger = "stranger@outside.example"
+    pending = "SELECT status, attempts FROM seller_addresses WHERE address = ?"
+    r.start()
+    try:
+        assert _refused_by(r.port, alias, stranger).startswith("550")      # recorded as pending
+        assert r.database.query(pending, stranger) == [("pending", 1)]
+        db = sqlite3.connect(r.database.sqlite_path, timeout=0.1, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")               # another process holds the write lock
+        try:
+            answer = _refused_by(r.port, alias, stranger)
+            # Answered while the lock is still held: before, the session waited for the commit.
+            assert answer.startswith("550"), answer
+            assert r.database.query("SELECT count(*) FROM message_log")[0][0] == 1
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        logged = [("refused", "sender.not_approved")] * 2
+        until(lambda: r.database.query("SELECT decision, reason FROM message_log") == logged,
+              "the second refusal's row, once the lock is let go")
+        until(lambda: r.database.query(pending, stranger) == [("pending", 2)], "the second try counted")
+    finally:
+        assert r.stop() == 0
+    assert '"store.error"' not in r.log()
 
 
 def test_D3_low_disk_threshold_answers_452_431_at_mail(tmp_path):

@@ -11,6 +11,7 @@ import dbtest
 import pytest
 from test_commit_stats import accepted, serving_writer, writer  # noqa: F401
 
+from bsm_relay.relay import queue
 from bsm_relay.relay.queue import StorageError, list_items
 
 
@@ -66,3 +67,44 @@ async def test_a_session_cancelled_while_waiting_leaves_its_group_whole(writer):
     await kept
     assert gone.cancelled() or gone.exception() is None
     assert sorted(i["id"] for i in await list_items(sessions)) == ["qcancel1", "qcancel2"]
+
+
+async def test_records_do_not_wait_for_their_commit_until_the_writer_falls_behind(one_per_group, monkeypatch):
+    """``record`` (a refusal's log rows) returns before its group is committed; once the writer
+    is ``RECORD_BACKLOG`` entries behind, the session waits for its commit like any other."""
+    enqueuer, sessions, database = one_per_group
+    monkeypatch.setattr(queue, "RECORD_BACKLOG", 3)
+    fd = os.open(f"{database.sqlite_path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)               # another serve process holds the write lock
+        for n in range(4):                           # one in the writer's hand, three waiting
+            await asyncio.wait_for(enqueuer.record(accepted(f"qrec{n}")), 1)
+            await asyncio.sleep(0.05)
+        behind = asyncio.ensure_future(enqueuer.record(accepted("qrec4")))
+        await asyncio.sleep(0.3)
+        assert not behind.done()                     # the writer is behind: this one waits
+        assert await list_items(sessions) == []
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        await asyncio.wait_for(behind, 10)
+    finally:
+        os.close(fd)
+    assert sorted(i["id"] for i in await list_items(sessions)) == [f"qrec{n}" for n in range(5)]
+
+
+async def test_records_still_waiting_at_stop_are_committed_not_dropped(one_per_group):
+    """A short-lived process (``bsm-relay send``) stops right after a refusal: the refusal's
+    rows, which no session waits for, are committed before the writer closes."""
+    enqueuer, sessions, database = one_per_group
+    fd = os.open(f"{database.sqlite_path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        await enqueuer.record(accepted("qlast1"))        # taken by the writer, held up by the lock
+        await asyncio.sleep(0.1)
+        await enqueuer.record(accepted("qlast2"))        # waiting for the next group
+        stopping = asyncio.ensure_future(enqueuer.stop())
+        await asyncio.sleep(0.2)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        os.close(fd)
+    assert sorted(i["id"] for i in await list_items(sessions)) == ["qlast1", "qlast2"]

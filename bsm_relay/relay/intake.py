@@ -148,9 +148,9 @@ async def _process(relay: Relay, tx: Transaction) -> Outcome:
         # then checked for authenticity (SPF, DKIM: DNS and CPU a refusal does not need) and refused
         # as auth.failed when it is not authentic.
         for rcpt in aliased:
-            decision, pending = await _approve(relay, rcpt, sender.address)
+            decision, pending, new = await _approve(relay, rcpt, sender.address)
             if not decision.accepted:
-                await _log_refusal(relay, tx, rcpt, decision, pending=pending)
+                await _log_refusal(relay, tx, rcpt, decision, pending=pending, durable=new)
                 return Outcome(decision, log={"alias": rcpt.address, **_ids(rcpt)})
         authentic, auth_results = await _authenticate(relay, tx, sender.address)
         if not authentic.accepted:
@@ -256,16 +256,18 @@ def _ids(rcpt: Recipient) -> dict[str, object]:
             "direction": rcpt.ref.direction.name.lower()}
 
 
-async def _approve(relay: Relay, rcpt: Recipient, address: str) -> tuple[Decision, tuple[int, str] | None]:
-    """The approval decision, and the (seller, address) to record as pending when refused."""
+async def _approve(relay: Relay, rcpt: Recipient,
+                   address: str) -> tuple[Decision, tuple[int, str] | None, bool]:
+    """The approval decision, the (seller, address) to record as pending when refused, and
+    whether that address is new (not recorded yet)."""
     assert rcpt.ref is not None and rcpt.seller is not None and rcpt.buyer is not None
     if rcpt.ref.direction is Direction.TO_BUYER:
         status = await relay.store.sender_status(rcpt.seller, address)
         decision = senders.seller_sender(address, status)
         if not decision.accepted and senders.records_as_pending(status):
-            return decision, (rcpt.seller.id, address)
-        return decision, None
-    return senders.buyer_sender(address, rcpt.buyer.email), None
+            return decision, (rcpt.seller.id, address), status is senders.SenderStatus.UNKNOWN
+        return decision, None, False
+    return senders.buyer_sender(address, rcpt.buyer.email), None, False
 
 
 async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[Decision, str | None]:
@@ -294,19 +296,21 @@ async def _authenticate(relay: Relay, tx: Transaction, address: str) -> tuple[De
 
 async def _log_refusal(relay: Relay, tx: Transaction, rcpt: Recipient, decision: Decision,
                        order_ext_id: str | None = None, contact_reason: str | None = None,
-                       proactive: bool = False, pending: tuple[int, str] | None = None) -> None:
+                       proactive: bool = False, pending: tuple[int, str] | None = None,
+                       durable: bool = False) -> None:
     """The refusal in the message log and, for an unknown or pending sender, its attempt in
-    Messaging Permissions: one entry of the writer's next group (no transaction of its own)."""
+    Messaging Permissions: entries of the writer's next group.  The refusal waits for that commit
+    only when ``durable``: a new address's pending record is what its seller approves it from, so
+    a storage failure then answers 451 (try again) instead of the refusal (catalogue D3).  The
+    rest (the log row, one more try of a pending address) is not waited for (``Enqueuer.record``)."""
     assert rcpt.ref is not None
     entry = row(MessageLog, at=time.time(), session_id=tx.session_id, queue_id=None,
                 direction=int(rcpt.ref.direction), seller_id=rcpt.ref.seller_id, buyer_id=rcpt.ref.buyer_id,
                 decision="refused", reason=decision.reason, size=len(tx.content), order_ext_id=order_ext_id,
                 contact_reason=contact_reason, proactive=proactive)
-    if pending is None:
-        await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[entry]))
-        return
-    await relay.enqueuer.commit(Accepted(items=[], recipients=[], extra=[entry],
-                                         after=[relay.store.attempt_recorder(*pending)]))
+    after = [] if pending is None else [relay.store.attempt_recorder(*pending)]
+    rows = Accepted(items=[], recipients=[], extra=[entry], after=after)
+    await (relay.enqueuer.commit(rows) if durable else relay.enqueuer.record(rows))
 
 
 async def _forward(relay: Relay, tx: Transaction, rcpt: Recipient, sender: str, content: bytes,

@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import spool
+from . import log, spool
 from .db import Reads
 from .models import MessageEvent, QueueItem, QueueRecipient
 
@@ -214,6 +214,7 @@ class Enqueuer:
         self._pending: asyncio.Queue[tuple[Entry, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False                # once stopped, nothing more is taken (451)
+        self._records: set[asyncio.Future[Any]] = set()    # what record() handed over, not yet done
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
         self.stats = CommitStats()
 
@@ -222,13 +223,19 @@ class Enqueuer:
 
     async def stop(self) -> None:
         """The group in hand, if any, ends first (its sessions get their answer; one stuck on a
-        locked database is given up after 2 s); what waits for a later group is answered 451."""
+        locked database is given up after 2 s); what waits for a later group is answered 451,
+        except the rows of :meth:`record`, which nobody waits for: they are committed last."""
         self._stopped = True
+        records: list[tuple[Entry, asyncio.Future[Any]]] = []
         while not self._pending.empty():       # never begun: the sessions answer 451 now
             waiting = self._pending.get_nowait()
-            if waiting is not None:
-                _fail(waiting[1], StorageError("the relay is stopping"))
-                _settle(waiting[0], False)
+            if waiting is None:
+                continue
+            if waiting[1] in self._records:
+                records.append(waiting)
+                continue
+            _fail(waiting[1], StorageError("the relay is stopping"))
+            _settle(waiting[0], False)
         if self._task:
             self._pending.put_nowait(None)    # wakes an idle writer
             done, _ = await asyncio.wait({self._task}, timeout=2.0)
@@ -239,6 +246,14 @@ class Enqueuer:
                 except asyncio.CancelledError:
                     pass
             self._task = None
+        if records:
+            write = self._write_in_thread if self._sync_engine is not None else self._write
+            try:
+                await asyncio.wait_for(self._commit(records, write), 2.0)
+            except TimeoutError:
+                for entry, fut in records:
+                    _fail(fut, StorageError("the database stayed locked while the relay stopped"))
+                    _settle(entry, False)
         if self._sync_engine is not None:
             await asyncio.to_thread(self._close_connection)
             self._sync_engine.dispose()
@@ -248,6 +263,23 @@ class Enqueuer:
     async def commit(self, accepted: Accepted | Delivered) -> None:
         """Returns once the rows are durably committed; raises if they are not."""
         await self._submit(accepted)
+
+    async def record(self, accepted: Accepted) -> None:
+        """Rows that record what happened and promise nothing (a refusal's message-log row, a
+        pending sender's attempt): they go into the next group and this session does not wait for
+        it to commit, as Postfix does not wait for syslog before it refuses.  A failure is logged
+        (``store.error``).  Past ``RECORD_BACKLOG`` entries waiting for the writer the session
+        waits like any other: a flood of refusals slows down instead of piling rows up in memory."""
+        if self._task is None or self._pending.qsize() >= RECORD_BACKLOG:
+            await self.commit(accepted)
+            return
+        if self._stopped:
+            raise StorageError("the relay is stopping")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._records.add(fut)
+        fut.add_done_callback(self._records.discard)
+        fut.add_done_callback(_log_unrecorded)
+        self._pending.put_nowait((accepted, fut))
 
     async def run(self, unit: Unit) -> Any:
         """Run ``unit(session)`` inside the next group's transaction; its result once committed."""
@@ -494,6 +526,16 @@ def _settle(entry: Entry, committed: bool) -> None:
 def _storage_trouble(exc: Exception) -> bool:
     """The database itself failed (locked, read-only, full, gone): every entry would fail alike."""
     return isinstance(exc, (OperationalError, OSError)) or isinstance(getattr(exc, "orig", None), OSError)
+
+
+# Entries waiting for the writer past which ``Enqueuer.record`` waits for its commit (a group takes
+# up to 64).
+RECORD_BACKLOG = 256
+
+
+def _log_unrecorded(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.get().error("store.error", stage="record", error=log.error_line(exc))
 
 
 def _fail(fut: asyncio.Future[Any], exc: Exception) -> None:
