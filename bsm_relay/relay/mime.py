@@ -282,7 +282,7 @@ def _base64_head(raw: memoryview) -> tuple[bytes, int] | None:
             return None
     else:
         # Only base64 characters and line breaks (the common case): counted without copying
-        # the attachment (a third of the cost of the deleting translate above).
+        # the attachment (less than half the cost of the deleting translate above).
         pads = scan.count(raw, b"=")
         if pads > 2 or (pads and scan.find(raw, b"=") < scan.find_last_of(raw, _BASE64_ALPHABET)):
             return None
