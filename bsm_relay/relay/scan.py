@@ -10,7 +10,7 @@ sink.  StringZilla does the same searches 5 to 30 times faster and answers as ``
 
 from __future__ import annotations
 
-import stringzilla as sz
+import stringzilla as sz  # type: ignore[import-not-found]  # no type information shipped
 
 __all__ = ["contains", "count", "crlf_only", "find", "find_first_not_of", "find_last_of"]
 
