@@ -99,3 +99,16 @@ def test_base64_head_counts_as_the_translate(cut, width, edits):
         at = min(at, len(raw))
         raw = raw[:at] + text + raw[at:]
     assert mime._base64_head(memoryview(raw)) == _reference_base64_head(raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_data, st.sampled_from([1, 2, 3, 7, 64]))
+def test_crlf_only_window_by_window_as_the_reference(data, window):
+    """A large body is checked a window at a time (``scan._WINDOW``, 256 KB): with tiny windows,
+    every seam of these short inputs is one, and the answer is the same."""
+    kept = scan._WINDOW
+    scan._WINDOW = window
+    try:
+        assert scan.crlf_only(data) is _reference_crlf_only(data)
+    finally:
+        scan._WINDOW = kept
