@@ -10,6 +10,8 @@ sink.  StringZilla does the same searches 5 to 30 times faster and answers as ``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import stringzilla as sz  # type: ignore[import-not-found]  # no type information shipped
 
 __all__ = ["contains", "count", "crlf_only", "find", "find_first_not_of", "find_last_of"]
@@ -54,14 +56,18 @@ def crlf_only(data: Bytes) -> bool:
     # message has one per line.)  A large body is mapped a window at a time, each window one
     # byte wider on both sides so that the pairs across its edges are seen: a 25 MB message is
     # not copied whole.
-    view = memoryview(data)
-    size = len(view)
-    for start in range(0, size, _WINDOW):
-        breaks = sz.translate(view[max(start - 1, 0):start + _WINDOW + 1], _BREAKS)
+    size = len(data)
+    if size <= _WINDOW:
+        windows: Iterable[Bytes] = (data,)
+    else:
+        view = memoryview(data)
+        windows = (view[max(start - 1, 0):start + _WINDOW + 1] for start in range(0, size, _WINDOW))
+    for window in windows:
+        breaks = sz.translate(window, _BREAKS)
         if (sz.find(breaks, b"\r\r") >= 0 or sz.find(breaks, b"\rx") >= 0 or sz.find(breaks, b"\n\n") >= 0
                 or sz.find(breaks, b"x\n") >= 0):
             return False
-    return view[0] != 0x0A and view[size - 1] != 0x0D and sz.find(data, b"\0") < 0
+    return data[0] != 0x0A and data[size - 1] != 0x0D and sz.find(data, b"\0") < 0
 
 
 _WINDOW = 1 << 18
