@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
 from ..policy.reasons import reply
-from . import log, mx, pipelining, scan, spool
+from . import log, mx, pipelining, scan, segments, spool
 from .dkim import DkimSigner, body_hash_relaxed
 from .headers import DOT_ATOM, split_message
 from .notify import Failure, may_notify, notice_rows
@@ -572,7 +572,12 @@ class Deliverer:
             addresses = [address for _, address, _ in item.recipients]
             if not addresses:
                 raise ValueError("queue item without pending recipients")
-            body: bytes | Spooled = (await self._spooled(item) if item.spool_path else self.sign(item.body))
+            body: bytes | Spooled
+            if item.spool_span is not None:      # in a spool segment: under the spool threshold, read whole
+                assert item.spool_path is not None
+                body = self.sign(segments.read(self.settings.state_dir, item.spool_path, *item.spool_span))
+            else:
+                body = await self._spooled(item) if item.spool_path else self.sign(item.body)
         except Exception as exc:
             await self._poison(item, exc)
             return
@@ -616,8 +621,10 @@ class Deliverer:
             self.log.error("store.error", stage="record", queue_id=item.id, session=item.session_id,
                            error_type=type(exc).__name__, error=log.error_line(exc))
             return
-        if status == "done" and item.spool_path:
-            spool.remove(self.settings.state_dir, item.spool_path)
+        if status == "done":
+            spool.remove(self.settings.state_dir, item.spool_path)     # its own file (a segment stays)
+            if isinstance(self.db, Enqueuer):
+                self.db.released(item.id)
         if notices:
             self.wakeup.set()
         # ``to`` is the real recipient: a keyed digest in the log unless [logging] redact = false.

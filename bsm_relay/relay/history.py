@@ -68,10 +68,12 @@ async def sweep(relay: Any, now: float | None = None, stopping: asyncio.Event | 
 
 
 async def sweep_spool(relay: Any, now: float | None = None) -> int:
-    """Remove this host's spool files that no queue row names and that are older than
+    """Remove this host's spool files that no undelivered queue row names and that are older than
     ``ORPHAN_AGE``: a crash between a file's fsync and its row's commit leaves one (the sender got
-    no 250 and sends again), as does a row deleted behind the relay's back.  An acceptance in
-    progress holds its file for seconds, never an hour.  Returns the files removed."""
+    no 250 and sends again), as does a row deleted behind the relay's back, or a spool segment
+    whose writer stopped before its messages were all delivered (``relay/segments.py``).  An
+    acceptance in progress holds its file for seconds, never an hour, and a segment is written
+    to for seconds.  Returns the files removed."""
     state = Path(relay.settings.state_dir)
     old = await asyncio.to_thread(spool.old_files, state, ORPHAN_AGE, time.time() if now is None else now)
     if not old:
@@ -80,10 +82,11 @@ async def sweep_spool(relay: Any, now: float | None = None) -> int:
     for start in range(0, len(old), 500):
         async with relay.sessions() as s:
             named.update(p for (p,) in await s.execute(
-                select(_QUEUE.c.spool_path).where(_QUEUE.c.spool_path.in_(old[start:start + 500]))))
+                select(_QUEUE.c.spool_path).where(_QUEUE.c.spool_path.in_(old[start:start + 500]),
+                                                  _QUEUE.c.status != "done")))
     orphans = [relative for relative in old if relative not in named]
     for relative in orphans:
-        await asyncio.to_thread(spool.remove, state, relative)
+        await asyncio.to_thread(spool.remove_file, state, relative)
     return len(orphans)
 
 

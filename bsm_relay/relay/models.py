@@ -145,6 +145,8 @@ class QueueItem(Base):
     session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)   # the SMTP session it came in
     # A large message lives in this file (relative to the state directory); body is its header block.
     spool_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Set when spool_path is a segment of several messages: this one is ``size`` bytes from here.
+    spool_offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class QueueRecipient(Base):

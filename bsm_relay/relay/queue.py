@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from . import log, spool
 from .db import Reads
 from .models import MessageEvent, QueueItem, QueueRecipient
+from .segments import SegmentLog
 
 
 def _time_sorted(random_bytes: int) -> str:
@@ -99,6 +100,7 @@ class Claimed:
     delay_notified: bool = False
     session_id: str | None = None                         # the SMTP session that brought it (for the log)
     spool_path: str | None = None                         # the message is this file; body its header block
+    spool_span: tuple[int, int] | None = None             # spool_path is a segment: (offset, size) in it
 
 
 
@@ -200,7 +202,8 @@ class Enqueuer:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64,
                  write_lock: Callable[[], AbstractAsyncContextManager[None]] | None = None,
-                 sync_engine: Engine | None = None, reads: Reads | None = None) -> None:
+                 sync_engine: Engine | None = None, reads: Reads | None = None,
+                 segments: SegmentLog | None = None) -> None:
         self._sessions = sessions
         self._reads = reads
         self._max_batch = max_batch
@@ -217,15 +220,48 @@ class Enqueuer:
         self._records: set[asyncio.Future[Any]] = set()    # what record() handed over, not yet done
         self.wakeup = asyncio.Event()        # set after each commit: delivery has work
         self.stats = CommitStats()
+        # SQLite: large bodies go to spool segments, written before the group takes the lock.
+        self.segments = segments if sync_engine is not None else None
+        self._upkeep: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="enqueuer")
+        if self.segments is not None:
+            self._upkeep = asyncio.create_task(self._segment_upkeep(), name="segments")
+
+    def released(self, queue_id: str) -> None:
+        """``queue_id``'s outcome is committed and it is done (its spool segment may go)."""
+        if self.segments is not None:
+            self.segments.release(queue_id)
+
+    async def _segment_upkeep(self, interval: float = 1.0, check_after: float = 5.0) -> None:
+        """Seal an idle segment; ask the database about the messages of sealed segments that
+        this process did not see done (delivered by another process, or never committed)."""
+        assert self.segments is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.segments.seal_idle()
+                for relative, ids in self.segments.waiting(check_after).items():
+                    live: set[str] = set()
+                    for start in range(0, len(ids), 500):
+                        async with self._sessions() as s:
+                            live.update(i for (i,) in await s.execute(
+                                select(_QUEUE.c.id).where(_QUEUE.c.id.in_(ids[start:start + 500]),
+                                                          _QUEUE.c.status != "done")))
+                    self.segments.settle(relative, live)
+            except Exception as exc:   # noqa: BLE001 - database or file trouble: tried again next time
+                log.get().error("store.error", stage="segments", error_type=type(exc).__name__,
+                                error=log.error_line(exc))
 
     async def stop(self) -> None:
         """The group in hand, if any, ends first (its sessions get their answer; one stuck on a
         locked database is given up after 2 s); what waits for a later group is answered 451,
         except the rows of :meth:`record`, which nobody waits for: they are committed last."""
         self._stopped = True
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            self._upkeep = None
         records: list[tuple[Entry, asyncio.Future[Any]]] = []
         while not self._pending.empty():       # never begun: the sessions answer 451 now
             waiting = self._pending.get_nowait()
@@ -257,6 +293,8 @@ class Enqueuer:
         if self._sync_engine is not None:
             await asyncio.to_thread(self._close_connection)
             self._sync_engine.dispose()
+        if self.segments is not None:
+            self.segments.close()
         if self._reads is not None:
             self._reads.close()
 
@@ -359,6 +397,9 @@ class Enqueuer:
         assert self._sync_engine is not None
         lock = getattr(self._write_lock, "sync", None)
         started = time.perf_counter()
+        # Large bodies first, to this writer's segment (one write and one fdatasync for the
+        # group), while the other workers hold the database: only their header blocks go in.
+        instead = self.segments.stage(_queue_rows(entries)) if self.segments is not None else {}
         with self._conn_lock, lock() if lock is not None else nullcontext():
             locked = time.perf_counter()
             try:
@@ -366,7 +407,7 @@ class Enqueuer:
                 if conn is None or conn.invalidated or conn.closed:
                     conn = self._conn = self._sync_engine.connect()
                 with conn.begin():
-                    return _apply_rows(conn, entries)
+                    return _apply_rows(conn, entries, instead)
             except BaseException:
                 # A failed group may leave the connection in any state (the files in trouble
                 # invalidate it): the next group starts on a new one.
@@ -409,17 +450,29 @@ class Enqueuer:
         return results
 
 
-def _apply_rows(conn: Connection, entries: list[Any]) -> list[Any]:
+def _queue_rows(entries: list[Entry]) -> Iterator[dict[str, Any]]:
+    """The values of the queue items that ``entries`` insert as plain rows."""
+    for entry in entries:
+        if isinstance(entry, Accepted):
+            for item in entry.items:
+                if isinstance(item, Row):
+                    yield item.values
+
+
+def _apply_rows(conn: Connection, entries: list[Any], instead: dict[int, dict[str, Any]] | None = None) -> list[Any]:
     """The row work of a group on one connection (sync; the async path runs it through
     ``run_sync``): each Accepted's INSERTs, one ``executemany`` per table and set of columns (the
     ORM's unit of work costs more than the database here; queue items first, recipients refer
     to them) and their ``after`` work, Delivered outcomes in bulk, then each Claim.  One result
-    per entry."""
+    per entry.  ``instead``: by ``id()`` of a row's values, what to insert in their place (a
+    body moved to a spool segment)."""
     rows: dict[tuple[Any, frozenset[str]], list[dict[str, Any]]] = {}
     for entry in entries:
         if isinstance(entry, Accepted):
             for obj in (*entry.items, *entry.recipients, *entry.extra):
                 table, values = obj if isinstance(obj, Row) else (type(obj).__table__, _values(obj))
+                if instead:
+                    values = instead.get(id(values), values)
                 rows.setdefault((table, frozenset(values)), []).append(values)
     for key in sorted(rows, key=lambda k: k[0] is not _QUEUE):
         execute_rows(conn, insert_of(key[0]), rows[key], key[1])
@@ -572,7 +625,7 @@ def _due(limit: int | None) -> Select[Any]:
 _ANY_DUE = _due(1)
 _CLAIMED = (_QUEUE.c.id, _QUEUE.c.kind, _QUEUE.c.envelope_from, _QUEUE.c.origin_sender, _QUEUE.c.body,
             _QUEUE.c.attempts, _QUEUE.c.created_at, _QUEUE.c.delay_notified, _QUEUE.c.session_id,
-            _QUEUE.c.spool_path)
+            _QUEUE.c.spool_path, _QUEUE.c.spool_offset, _QUEUE.c.size)
 _PENDING_RCPTS = (select(_RCPTS.c.id, _RCPTS.c.queue_id, _RCPTS.c.address, _RCPTS.c.alias)
                   .where(_RCPTS.c.queue_id.in_(bindparam("b_ids", expanding=True)),
                          _RCPTS.c.status == literal_column("'pending'")))
@@ -641,7 +694,8 @@ def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
         by_item.setdefault(qid, []).append((rid, address, alias))
     items.sort(key=lambda i: i.id)
     return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
-                    tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path)
+                    tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path,
+                    (i.spool_offset, i.size) if i.spool_offset is not None else None)
             for i in items]
 
 

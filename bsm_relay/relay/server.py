@@ -27,13 +27,14 @@ import dns.resolver
 from ..aliases import keys as keyring
 from ..config import settings as config
 from ..config.settings import Settings, split_host_port
-from . import db, history, log, metrics, sdnotify, tls
+from . import db, history, log, metrics, sdnotify, spool, tls
 from .context import Relay
 from .delivery import Deliverer, make_target
 from .dkim import DkimSigner
 from .dns import make_resolver
 from .factcache import FactsCache
 from .queue import Enqueuer
+from .segments import SegmentLog
 from .smtpd import Gate, Handler, protocol_factory
 from .store import Store
 from .verp import BounceAddressCodec
@@ -65,10 +66,16 @@ async def open_relay(settings: Settings, *, require_schema: bool = True) -> Rela
     return Relay(settings=settings, keys=ring, codec=ring.codec(), engine=engine, sessions=sessions,
                  store=Store(sessions, FactsCache(reads)),
                  enqueuer=Enqueuer(sessions, write_lock=db.write_lock(settings.database_url),
-                                   sync_engine=sync_engine, reads=reads),
+                                   sync_engine=sync_engine, reads=reads, segments=_segments(settings)),
                  redactor=redactor,
                  bounces=BounceAddressCodec(ring.derive("bounce-address"), settings.aliases.domain),
                  resolver=resolver)
+
+
+def _segments(settings: Settings) -> SegmentLog | None:
+    """Large bodies in spool segments (SQLite; not when spooling is switched off)."""
+    threshold = settings.queue.spool_threshold
+    return SegmentLog(settings.state_dir, maximum=threshold) if spool.enabled(threshold) else None
 
 
 def load_signer(settings: Settings) -> DkimSigner:

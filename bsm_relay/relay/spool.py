@@ -35,6 +35,10 @@ def host_prefix() -> str:
     return f"{SPOOL_DIR}/{_HOST}/"
 
 
+def host_dir() -> str:
+    return _HOST
+
+
 _HOST = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname()) or "host"
 
 
@@ -73,6 +77,13 @@ def path_of(state_dir: Path, relative: str) -> Path:
 
 
 def remove(state_dir: Path, relative: str | None) -> None:
+    """Remove a message's own spool file.  A segment (``relay/segments.py``) holds other messages
+    too: it goes only through its writer's bookkeeping or the sweep (:func:`remove_file`)."""
+    if relative and not relative.endswith(".seg"):
+        remove_file(state_dir, relative)
+
+
+def remove_file(state_dir: Path, relative: str | None) -> None:
     if relative:
         try:
             path_of(state_dir, relative).unlink(missing_ok=True)
@@ -81,7 +92,7 @@ def remove(state_dir: Path, relative: str | None) -> None:
 
 
 def old_files(state_dir: Path, older_than: float, now: float) -> list[str]:
-    """This host's spool files last written more than ``older_than`` seconds before ``now``, as
+    """This host's spool files (and segments) last written more than ``older_than`` seconds before ``now``, as
     relative paths (what a queue row names).  For the sweep of files no row names any more."""
     try:
         entries = list(os.scandir(state_dir / SPOOL_DIR / _HOST))
@@ -90,7 +101,7 @@ def old_files(state_dir: Path, older_than: float, now: float) -> list[str]:
     found = []
     for entry in entries:
         try:
-            if entry.name.endswith(".eml") and entry.is_file(follow_symlinks=False) \
+            if entry.name.endswith((".eml", ".seg")) and entry.is_file(follow_symlinks=False) \
                     and entry.stat(follow_symlinks=False).st_mtime < now - older_than:
                 found.append(f"{host_prefix()}{entry.name}")
         except OSError:
@@ -139,4 +150,5 @@ class Spooled:
         return self.prefix.isascii() and all(piece.isascii() for piece in self.body_pieces())
 
 
-__all__ = ["CHUNK", "Spooled", "enabled", "host_prefix", "line_pieces", "path_of", "remove", "write"]
+__all__ = ["CHUNK", "Spooled", "enabled", "host_dir", "host_prefix", "line_pieces", "path_of", "remove", "remove_file",
+           "write"]
