@@ -5,6 +5,7 @@ undelivered row names swept."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from test_commit_stats import serving_writer
 
 from bsm_relay.relay import db, history, segments, spool
 from bsm_relay.relay.models import QueueItem, QueueRecipient
-from bsm_relay.relay.queue import Accepted, claim, row
+from bsm_relay.relay.queue import Accepted, StorageError, claim, list_items, row
 from bsm_relay.relay.segments import SegmentLog
 
 
@@ -129,9 +130,7 @@ async def test_the_writer_stages_large_bodies_and_the_claim_reads_them_back(tmp_
     async with serving_writer(tmp_path, segments=log) as (enqueuer, sessions, database):
         values = big("qbig1")
         message = values["body"]
-        await enqueuer.commit(Accepted(items=[row(QueueItem, **values)],
-                                       recipients=[row(QueueRecipient, queue_id="qbig1", address="buyer@example.org",
-                                                       alias="b-1@marketplace.example", status="pending")]))
+        await enqueuer.commit(_accepted(values))
         assert values["body"] == message
         async with sessions() as s:
             stored = (await s.execute(select(QueueItem.body, QueueItem.spool_path, QueueItem.spool_offset,
@@ -148,6 +147,32 @@ async def test_the_writer_stages_large_bodies_and_the_claim_reads_them_back(tmp_
     assert segments.read(state, got.spool_path, *got.spool_span) == message
     # At stop the segment is sealed but stays: its message is not delivered.
     assert seg_files(state) == [Path(stored.spool_path).name]
+
+
+async def test_a_spool_disk_that_fails_fails_the_group_as_storage_trouble(tmp_path, monkeypatch):
+    """The segment cannot be written (disk full): the sessions get StorageError (451 4.3.0, as for
+    a full database, catalogue D3) and nothing is committed; the next group goes through."""
+    if dbtest.on_postgres():
+        pytest.skip("PostgreSQL keeps bodies in rows: no segment to fail")
+    state = tmp_path / "state"
+    async with serving_writer(tmp_path, segments=SegmentLog(state)) as (enqueuer, sessions, _):
+        real = os.fdatasync
+
+        def full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(os, "fdatasync", full)
+        results = await asyncio.gather(*(enqueuer.commit(_accepted(big(f"qfull{n}"))) for n in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, StorageError) and "No space left" in str(r) for r in results), results
+        monkeypatch.setattr(os, "fdatasync", real)
+        await enqueuer.commit(_accepted(big("qafter")))
+        assert [i["id"] for i in await list_items(sessions)] == ["qafter"]
+
+
+def _accepted(values: dict) -> Accepted:
+    return Accepted(items=[row(QueueItem, **values)],
+                    recipients=[row(QueueRecipient, queue_id=values["id"], address="buyer@example.org",
+                                    alias="b-1@marketplace.example", status="pending")])
 
 
 # -- the sweep ----------------------------------------------------------------------------

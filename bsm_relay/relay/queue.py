@@ -399,7 +399,10 @@ class Enqueuer:
         started = time.perf_counter()
         # Large bodies first, to this writer's segment (one write and one fdatasync for the
         # group), while the other workers hold the database: only their header blocks go in.
-        instead = self.segments.stage(_queue_rows(entries)) if self.segments is not None else {}
+        try:
+            instead = self.segments.stage(_queue_rows(entries)) if self.segments is not None else {}
+        except OSError as exc:            # the spool's disk is full or gone: as the database's would be
+            raise StorageError(f"spool segment: {exc}") from exc
         with self._conn_lock, lock() if lock is not None else nullcontext():
             locked = time.perf_counter()
             try:
@@ -578,7 +581,7 @@ def _settle(entry: Entry, committed: bool) -> None:
 
 def _storage_trouble(exc: Exception) -> bool:
     """The database itself failed (locked, read-only, full, gone): every entry would fail alike."""
-    return isinstance(exc, (OperationalError, OSError)) or isinstance(getattr(exc, "orig", None), OSError)
+    return isinstance(exc, (OperationalError, OSError, StorageError)) or isinstance(getattr(exc, "orig", None), OSError)
 
 
 # Entries waiting for the writer past which ``Enqueuer.record`` waits for its commit (a group takes
