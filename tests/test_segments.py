@@ -18,7 +18,7 @@ import dbtest
 import dkim
 import pytest
 from helpers import DEMO_SELLER, Sink, make_relay, seed_pair, until
-from sqlalchemy import select
+from sqlalchemy import select, update
 from test_commit_stats import serving_writer
 
 from bsm_relay.relay import db, history, segments, spool
@@ -86,15 +86,24 @@ def test_a_segment_goes_once_every_message_in_it_is_done(tmp_path):
 
 
 def test_the_databases_answer_settles_what_this_process_did_not_see_done(tmp_path):
-    log = SegmentLog(tmp_path, minimum=50_000, roll_age=0.0)
+    log = SegmentLog(tmp_path, minimum=50_000, roll_age=0.0, check_after=0.0)
     a, b = big("qa"), big("qb")
     path = log.stage([a, b])[id(a)]["spool_path"]
     log.seal_idle()
-    assert log.waiting(0.0) == {path: ["qa", "qb"]}
+    assert log.waiting() == {path: ["qa", "qb"]}
     log.settle(path, ["qb"])          # qa was delivered by another process (or never committed)
-    assert log.waiting(0.0) == {path: ["qb"]} and (tmp_path / path).exists()
+    assert (tmp_path / path).exists()
+    # qb is still queued: not asked about again at once, but later and less and less often.
+    assert log.waiting() == {}
+    segment = log._sealed[path]
+    assert segment.check_every == 2 * segments.CHECK_AFTER
+    segment.check_at = 0.0
+    assert log.waiting() == {path: ["qb"]}
+    log.settle(path, ["qb"])
+    assert segment.check_every == 4 * segments.CHECK_AFTER
+    segment.check_at = 0.0
     log.settle(path, [])
-    assert not (tmp_path / path).exists() and log.waiting(0.0) == {}
+    assert not (tmp_path / path).exists() and log.waiting() == {}
 
 
 def test_a_failed_write_fails_the_group_and_the_next_group_starts_a_new_segment(tmp_path, monkeypatch):
@@ -147,6 +156,36 @@ async def test_the_writer_stages_large_bodies_and_the_claim_reads_them_back(tmp_
     assert segments.read(state, got.spool_path, *got.spool_span) == message
     # At stop the segment is sealed but stays: its message is not delivered.
     assert seg_files(state) == [Path(stored.spool_path).name]
+
+
+async def test_the_writer_asks_the_database_about_messages_another_process_delivered(tmp_path):
+    """The writer's upkeep: a sealed segment whose messages this process never saw done goes
+    once the database has them all done (another worker delivered them), not before."""
+    if dbtest.on_postgres():
+        pytest.skip("PostgreSQL keeps bodies in rows: no segment")
+    state = tmp_path / "state"
+    log = SegmentLog(state, roll_age=0.0, check_after=0.0)
+    async with serving_writer(tmp_path, segments=log) as (enqueuer, sessions, _):
+        await asyncio.gather(*(enqueuer.commit(_accepted(big(f"qother{n}"))) for n in range(2)))
+        [name] = seg_files(state)
+        await asyncio.sleep(2.5)              # sealed and asked about: both still queued
+        assert seg_files(state) == [name]
+        async with sessions.begin() as s:     # another process delivers one, then the other
+            await s.execute(update(QueueItem).where(QueueItem.id == "qother0").values(status="done"))
+        log._sealed[f"{spool.host_prefix()}{name}"].check_at = 0.0
+        await asyncio.sleep(1.5)
+        assert seg_files(state) == [name]
+        async with sessions.begin() as s:
+            await s.execute(update(QueueItem).where(QueueItem.id == "qother1").values(status="done"))
+        log._sealed[f"{spool.host_prefix()}{name}"].check_at = 0.0
+        await until_async(lambda: seg_files(state) == [], "the segment to go")
+
+
+async def until_async(condition, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_spool_disk_that_fails_fails_the_group_as_storage_trouble(tmp_path, monkeypatch):

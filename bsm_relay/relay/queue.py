@@ -234,7 +234,7 @@ class Enqueuer:
         if self.segments is not None:
             self.segments.release(queue_id)
 
-    async def _segment_upkeep(self, interval: float = 1.0, check_after: float = 5.0) -> None:
+    async def _segment_upkeep(self, interval: float = 1.0) -> None:
         """Seal an idle segment; ask the database about the messages of sealed segments that
         this process did not see done (delivered by another process, or never committed)."""
         assert self.segments is not None
@@ -242,7 +242,7 @@ class Enqueuer:
             await asyncio.sleep(interval)
             try:
                 self.segments.seal_idle()
-                for relative, ids in self.segments.waiting(check_after).items():
+                for relative, ids in self.segments.waiting().items():
                     live: set[str] = set()
                     for start in range(0, len(ids), 500):
                         async with self._sessions() as s:

@@ -35,6 +35,8 @@ from . import spool
 SEGMENT_MIN = 32 * 1024            # smaller bodies stay in their row (measured: 0026)
 SEGMENT_BYTES = 8 * 1024 * 1024    # a segment is sealed past this size ...
 SEGMENT_AGE = 2.0                  # ... or this many seconds after it was begun
+CHECK_AFTER = 5.0                  # the database is asked about a sealed segment's messages this long after ...
+CHECK_MAX = 600.0                  # ... then less and less often (a segment of deferred messages may wait days)
 SUFFIX = ".seg"
 
 
@@ -50,6 +52,8 @@ class _Segment:
     size: int = 0
     live: set[str] = field(default_factory=set)    # queue ids written here and not known to be done
     sealed_at: float | None = None
+    check_at: float = 0.0                           # when to ask the database next (once sealed)
+    check_every: float = CHECK_AFTER
 
 
 class SegmentLog:
@@ -58,10 +62,11 @@ class SegmentLog:
     the file I/O (only :meth:`stage` writes, one group at a time)."""
 
     def __init__(self, state_dir: Path | str, minimum: int = SEGMENT_MIN, maximum: int | None = None,
-                 roll_bytes: int = SEGMENT_BYTES, roll_age: float = SEGMENT_AGE) -> None:
+                 roll_bytes: int = SEGMENT_BYTES, roll_age: float = SEGMENT_AGE,
+                 check_after: float = CHECK_AFTER) -> None:
         self._state = Path(state_dir)
         self._minimum, self._maximum = minimum, maximum
-        self._roll_bytes, self._roll_age = roll_bytes, roll_age
+        self._roll_bytes, self._roll_age, self._check_after = roll_bytes, roll_age, check_after
         self._lock = threading.Lock()
         self._current: _Segment | None = None
         self._writing = False
@@ -136,12 +141,12 @@ class SegmentLog:
             self._seal(segment)
         self._remove_empty()
 
-    def waiting(self, older_than: float) -> dict[str, list[str]]:
-        """Sealed segments' live ids, for segments sealed more than ``older_than`` seconds ago."""
+    def waiting(self) -> dict[str, list[str]]:
+        """The live ids of the sealed segments due for a question to the database: ``CHECK_AFTER``
+        seconds after the seal, then twice as long after each answer that kept one, up to ``CHECK_MAX``."""
         now = time.monotonic()
         with self._lock:
-            return {s.relative: sorted(s.live) for s in self._sealed.values()
-                    if s.sealed_at is not None and now - s.sealed_at >= older_than}
+            return {s.relative: sorted(s.live) for s in self._sealed.values() if now >= s.check_at}
 
     def settle(self, relative: str, still_live: Iterable[str]) -> None:
         """The database's answer for a sealed segment: of its ids, only ``still_live`` are undelivered."""
@@ -153,6 +158,8 @@ class SegmentLog:
             for queue_id in segment.live - keep:
                 segment.live.discard(queue_id)
                 self._where.pop(queue_id, None)
+            segment.check_every = min(segment.check_every * 2, CHECK_MAX)
+            segment.check_at = time.monotonic() + segment.check_every
         self._remove_empty()
 
     def close(self) -> None:
@@ -191,6 +198,7 @@ class SegmentLog:
             self._current = None
         if segment.sealed_at is None:
             segment.sealed_at = time.monotonic()
+            segment.check_at = segment.sealed_at + self._check_after
             os.close(segment.fd)
             self._sealed[segment.relative] = segment
 
