@@ -328,8 +328,11 @@ def test_a_spooled_message_survives_kill_9_after_its_250(tmp_path):
     with sink:
         relay.start()
         try:
-            got = sink.wait_for(1, timeout=60)[0]
+            try:
+                got = sink.wait_for(1, timeout=60)[0]
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the relay's log:\n{relay.log()[-4000:]}") from None
             assert got.data.split(b"\r\n\r\n", 1)[1] == message.split(b"\r\n\r\n", 1)[1]
         finally:
-            assert relay.stop() == 0
+            assert relay.stop() == 0, relay.log()[-4000:]
     assert _spool_files(relay) == []

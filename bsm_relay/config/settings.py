@@ -98,7 +98,8 @@ class QueueSettings:
     max_errors: int = 3             # processing failures (bugs, broken rows) before an item is held
     max_depth: int = 100_000        # items waiting (not done) beyond which MAIL gets 452 4.3.1; 0: no limit
     # Messages larger than this go to a spool file under <state_dir>/spool/<host> instead of the
-    # database row, and are delivered by the node that holds the file; 0: never.
+    # database row, and are delivered by the node that holds the file; 0: never.  On SQLite, messages
+    # of 32 KB up to this size go to spool segments (docs/decisions/0026); 0 turns those off too.
     spool_threshold: int = 1_048_576
 
 

@@ -128,7 +128,9 @@ class SegmentLog:
             if segment is None:
                 return
             segment.live.discard(queue_id)
-            gone = segment.sealed_at is not None and not segment.live and self._sealed.pop(segment.relative, None)
+            gone = segment.sealed_at is not None and not segment.live
+            if gone:
+                self._sealed.pop(segment.relative, None)
         if gone:
             spool.remove_file(self._state, segment.relative)
 
