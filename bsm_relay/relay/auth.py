@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import dkim
-import dkim.util
+import dkim  # type: ignore[import-untyped]
+import dkim.util  # type: ignore[import-untyped]
 import dns.asyncresolver
 from publicsuffixlist import PublicSuffixList
 
@@ -164,7 +165,7 @@ async def _fetch_keys(
     return dict(zip(ordered, await asyncio.gather(*(one(n) for n in ordered)), strict=True))
 
 
-def _verify_all(message: bytes, signatures: list[_Signature], keys: dict[str, bytes | None]) -> list[DkimResult]:
+def _verify_all(message: bytes, signatures: list[_Signature], keys: Mapping[str, bytes | None]) -> list[DkimResult]:
     """dkimpy over every signature; runs in a worker thread, DNS answered from ``keys``."""
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:

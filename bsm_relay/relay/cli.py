@@ -217,7 +217,7 @@ async def cmd_queue_show(s: config.Settings, args: argparse.Namespace) -> None:
         if found is None:
             raise CommandError(f"no queue item {args.queue_id}")
         item, rcpts = found
-        data = {"id": item.id, "kind": item.kind, "status": item.status, "attempts": item.attempts,
+        data: dict[str, Any] = {"id": item.id, "kind": item.kind, "status": item.status, "attempts": item.attempts,
                 "errors": item.errors, "created_at": item.created_at, "next_attempt_at": item.next_attempt_at,
                 "size": item.size, "delay_notified": item.delay_notified,
                 "last_error": relay.redactor.text(item.last_error or "") or None,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiosmtplib
+import dns.asyncresolver
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..config.settings import Settings, split_host_port
@@ -370,7 +371,7 @@ class SmarthostTarget:
 class MxTarget:
     """Direct delivery: MX lookup per recipient domain, opportunistic STARTTLS."""
 
-    def __init__(self, settings: Settings, resolver: object) -> None:
+    def __init__(self, settings: Settings, resolver: dns.asyncresolver.Resolver) -> None:
         self.resolver = resolver
         self.port = settings.delivery.mx_port
         self.timeout = settings.delivery.timeout
@@ -425,10 +426,12 @@ class MxTarget:
         return Result(deferred={r: last for r in rcpts})
 
 
-def make_target(settings: Settings, resolver: object = None) -> Target:
+def make_target(settings: Settings, resolver: dns.asyncresolver.Resolver | None = None) -> Target:
     if settings.delivery.mode == "smarthost":
         return SmarthostTarget(settings)
     if settings.delivery.mode == "mx":
+        if resolver is None:
+            raise ValueError("direct (mx) delivery needs a DNS resolver")
         return MxTarget(settings, resolver)
     return MaildirTarget(Path(settings.delivery.maildir))
 

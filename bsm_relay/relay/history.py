@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import log, spool
@@ -31,9 +31,9 @@ BATCH = 2000
 ORPHAN_AGE = 3600.0        # a spool file no row names is removed once this old
 _DAY = 86400.0
 
-_QUEUE = QueueItem.__table__
-_LOG = MessageLog.__table__
-_EVENTS = MessageEvent.__table__
+_QUEUE = cast(Table, QueueItem.__table__)
+_LOG = cast(Table, MessageLog.__table__)
+_EVENTS = cast(Table, MessageEvent.__table__)
 
 
 def _batches(cut: float) -> dict[str, Any]:
@@ -58,7 +58,7 @@ async def sweep(relay: Any, now: float | None = None, stopping: asyncio.Event | 
     for kind, stmt in statements.items():
         while True:
             async def unit(s: AsyncSession, stmt: Any = stmt) -> int:
-                return (await s.execute(stmt)).rowcount or 0
+                return cast(CursorResult[Any], await s.execute(stmt)).rowcount or 0
             count = await relay.enqueuer.run(unit)
             deleted[kind] += count
             if count < BATCH or (stopping is not None and stopping.is_set()):

@@ -22,9 +22,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, Engine, Select, Table, bindparam, delete, literal_column, or_, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Delete,
+    Engine,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    delete,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -542,9 +556,9 @@ def _sqlite_statement(conn: Connection, stmt: Any,
 _FAILED = object()
 # Core tables: the delivery path's statements skip the ORM (its bulk UPDATE/INSERT machinery
 # costs several times the statement itself).
-_QUEUE = QueueItem.__table__
-_RCPTS = QueueRecipient.__table__
-_EVENTS = MessageEvent.__table__
+_QUEUE = cast(Table, QueueItem.__table__)
+_RCPTS = cast(Table, QueueRecipient.__table__)
+_EVENTS = cast(Table, MessageEvent.__table__)
 _RCPT_DELIVERED = (_RCPTS.update().where(_RCPTS.c.id == bindparam("b_id"))
                    .values(status="delivered", last_error=None))
 _ITEM_DONE = (_QUEUE.update().where(_QUEUE.c.id == bindparam("b_id"), _QUEUE.c.lease_owner == bindparam("b_owner"))
@@ -613,7 +627,7 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
 
 def _due(limit: int | None) -> Select[Any]:
     q = _QUEUE.c
-    now = bindparam("b_now")
+    now: Any = bindparam("b_now")
     # A spooled item is this node's only if its file is here (another node's local queue).
     stmt = (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
                                or_(q.lease_until.is_(None), q.lease_until < now),
@@ -695,7 +709,7 @@ def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
     by_item: dict[str, list[tuple[int, str, str]]] = {}
     for rid, qid, address, alias in rcpts:
         by_item.setdefault(qid, []).append((rid, address, alias))
-    items.sort(key=lambda i: i.id)
+    items = sorted(items, key=lambda i: i.id)
     return [Claimed(i.id, i.kind, i.envelope_from, i.origin_sender, i.body, i.attempts, i.created_at,
                     tuple(by_item.get(i.id, ())), bool(i.delay_notified), i.session_id, i.spool_path,
                     (i.spool_offset, i.size) if i.spool_offset is not None else None)
@@ -717,7 +731,7 @@ async def release_dead_leases(db: async_sessionmaker[AsyncSession] | Enqueuer, h
             return 0
         res = await s.execute(_QUEUE.update().where(q.lease_owner.in_(dead))
                               .values(lease_owner=None, lease_until=None))
-        return res.rowcount or 0
+        return cast(CursorResult[Any], res).rowcount or 0
     return await _transact(db, unit)  # type: ignore[no-any-return]
 
 
@@ -871,6 +885,7 @@ async def admin(sessions: async_sessionmaker[AsyncSession], action: str, queue_i
     item's spool file (under ``state_dir``) goes with it."""
     now = time.time() if now is None else now
     spooled: str | None = None
+    stmt: Update | Delete
     async with sessions.begin() as s:
         one = QueueItem.id == queue_id
         if action == "retry":
@@ -888,7 +903,7 @@ async def admin(sessions: async_sessionmaker[AsyncSession], action: str, queue_i
             stmt = delete(QueueItem).where(one)
         else:
             raise ValueError(action)
-        changed = (await s.execute(stmt)).rowcount or 0
+        changed = cast(CursorResult[Any], await s.execute(stmt)).rowcount or 0
     if spooled and state_dir is not None:
         spool.remove(state_dir, spooled)
     return changed

@@ -10,9 +10,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy import Connection, CursorResult, Table, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -26,7 +26,7 @@ _DAY = 86400.0
 _COUNT_FRESH = 0.5       # seconds a proactive count read from the database is used (far from the cap)
 
 
-_SENDERS = SellerAddress.__table__
+_SENDERS = cast(Table, SellerAddress.__table__)
 _COUNT_ATTEMPT = (_SENDERS.update().where(_SENDERS.c.seller_id == bindparam("b_seller"),
                                           func.lower(_SENDERS.c.address) == bindparam("b_address"))
                   .values(attempts=_SENDERS.c.attempts + 1, last_seen=bindparam("b_now")))
@@ -194,7 +194,7 @@ class Store:
                 .where(SellerAddress.seller_id == seller.id,
                        func.lower(SellerAddress.address) == address.lower())
                 .values(status=status, updated_at=now))
-            if updated.rowcount == 0:
+            if cast(CursorResult[Any], updated).rowcount == 0:
                 s.add(SellerAddress(seller_id=seller.id, address=address, status=status,
                                     first_seen=None, last_seen=None, attempts=0, updated_at=now))
 
@@ -208,7 +208,7 @@ class Store:
         match = (SellerAddress.seller_id == seller.id, func.lower(SellerAddress.address) == address.lower())
         async with self.sessions.begin() as s:
             deleted = await s.execute(delete(SellerAddress).where(*match, SellerAddress.status == "pending"))
-            if deleted.rowcount:
+            if cast(CursorResult[Any], deleted).rowcount:
                 return
             status = (await s.execute(select(SellerAddress.status).where(*match))).scalar_one_or_none()
         if status is None:
@@ -283,7 +283,7 @@ class Store:
             values["delivered_at"] = delivered_at
         async with self.sessions.begin() as s:
             res = await s.execute(update(Order).where(Order.ext_id == ext_id).values(**values))
-            if res.rowcount == 0:
+            if cast(CursorResult[Any], res).rowcount == 0:
                 raise StoreError(f"no order {ext_id}")
 
     async def orders_of_pair(self, seller_id: int, buyer_id: int) -> Sequence[Order]:
@@ -443,11 +443,11 @@ class Store:
                                now: float) -> int:
         assert self.cache is not None
         if known is not None and known.since == since and now - known.full_at < _FULL_RECOUNT:
-            added, top = (await self.cache.reads.all(_proactive_count(seller_id, since, None, known.last_id)))[0]
+            added, top = tuple((await self.cache.reads.all(_proactive_count(seller_id, since, None, known.last_id)))[0])
             fresh = _DayCount(since, known.counted + int(added), top if top is not None else known.last_id,
                               known.full_at, now)
         else:
-            counted, top = (await self.cache.reads.all(_proactive_count(seller_id, since, cap)))[0]
+            counted, top = tuple((await self.cache.reads.all(_proactive_count(seller_id, since, cap)))[0])
             fresh = _DayCount(since, int(counted), top if top is not None else 0, now, now)
         if len(self._proactive) > 100_000:
             self._proactive.clear()
@@ -480,7 +480,7 @@ class Store:
         async with self.sessions.begin() as s:
             res = await s.execute(update(Order).where(
                 Order.ext_id == ext_id, Order.review_requested_at.is_(None)).values(review_requested_at=at))
-            return bool(res.rowcount)
+            return bool(cast(CursorResult[Any], res).rowcount)
 
     async def release_review_request(self, ext_id: str, at: float) -> None:
         """Undo :meth:`claim_review_request` when the request was not sent after all."""
