@@ -208,6 +208,22 @@ async def test_a_spool_disk_that_fails_fails_the_group_as_storage_trouble(tmp_pa
         assert [i["id"] for i in await list_items(sessions)] == ["qafter"]
 
 
+async def test_the_segment_write_is_not_counted_as_waiting_for_the_write_lock(tmp_path, monkeypatch):
+    """``bsm_relay_queue_write_lock_wait_seconds`` tells an operator that the workers queue for
+    the database: the segment's write, before the lock is asked for, is not part of it."""
+    if dbtest.on_postgres():
+        pytest.skip("PostgreSQL keeps bodies in rows: no segment")
+    async with serving_writer(tmp_path, segments=SegmentLog(tmp_path / "state")) as (enqueuer, _, _):
+        real = os.fdatasync
+
+        def slow(fd: int) -> None:
+            time.sleep(0.3)
+            real(fd)
+        monkeypatch.setattr(os, "fdatasync", slow)
+        await enqueuer.commit(_accepted(big("qslow")))
+        assert enqueuer.stats.groups == 1 and enqueuer.stats.lock_wait < 0.2
+
+
 def _accepted(values: dict) -> Accepted:
     return Accepted(items=[row(QueueItem, **values)],
                     recipients=[row(QueueRecipient, queue_id=values["id"], address="buyer@example.org",

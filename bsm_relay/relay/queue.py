@@ -410,13 +410,13 @@ class Enqueuer:
     def _write_sync(self, entries: list[Entry]) -> list[Any]:
         assert self._sync_engine is not None
         lock = getattr(self._write_lock, "sync", None)
-        started = time.perf_counter()
         # Large bodies first, to this writer's segment (one write and one fdatasync for the
         # group), while the other workers hold the database: only their header blocks go in.
         try:
             instead = self.segments.stage(_queue_rows(entries)) if self.segments is not None else {}
         except OSError as exc:            # the spool's disk is full or gone: as the database's would be
             raise StorageError(f"spool segment: {exc}") from exc
+        started = time.perf_counter()
         with self._conn_lock, lock() if lock is not None else nullcontext():
             locked = time.perf_counter()
             try:
