@@ -131,6 +131,21 @@ def test_a_short_segment_is_an_error_not_a_short_message(tmp_path):
         segments.read(tmp_path, r["spool_path"], r["spool_offset"] + 10, r["size"])
 
 
+def test_a_messages_own_removal_never_takes_a_segment(tmp_path):
+    """``queue delete``, a failed acceptance and a delivered message remove their own spool
+    file; a segment holds other messages and goes only through its writer or the sweep."""
+    directory = tmp_path / spool.SPOOL_DIR / spool.host_dir()
+    directory.mkdir(parents=True)
+    seg, eml = f"{spool.host_prefix()}1-a.seg", f"{spool.host_prefix()}q1-b.eml"
+    for relative in (seg, eml):
+        (tmp_path / relative).write_bytes(b"x")
+    spool.remove(tmp_path, seg)
+    spool.remove(tmp_path, eml)
+    assert (tmp_path / seg).exists() and not (tmp_path / eml).exists()
+    spool.remove_file(tmp_path, seg)
+    assert not (tmp_path / seg).exists()
+
+
 # -- the serving writer -------------------------------------------------------------------
 
 async def test_the_writer_stages_large_bodies_and_the_claim_reads_them_back(tmp_path):
