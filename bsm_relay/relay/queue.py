@@ -275,6 +275,7 @@ class Enqueuer:
         self._stopped = True
         if self._upkeep is not None:
             self._upkeep.cancel()
+            await asyncio.gather(self._upkeep, return_exceptions=True)
             self._upkeep = None
         records: list[tuple[Entry, asyncio.Future[Any]]] = []
         while not self._pending.empty():       # never begun: the sessions answer 451 now
