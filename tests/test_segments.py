@@ -255,6 +255,10 @@ async def test_the_sweep_removes_old_files_no_undelivered_row_names(tmp_path):
     directory.mkdir(parents=True)
     names = {n: f"{spool.host_prefix()}{n}" for n in ("queued.seg", "done.seg", "orphan.seg", "young.seg",
                                                        "queued.eml", "orphan.eml")}
+    # Written under another host name: this relay's own on SQLite (a renamed host), another
+    # node's on PostgreSQL (left alone).
+    (state / spool.SPOOL_DIR / "old-name").mkdir(parents=True)
+    names["renamed.seg"] = f"{spool.SPOOL_DIR}/old-name/renamed.seg"
     for relative in names.values():
         (state / relative).write_bytes(b"x")
     hour_ago = time.time() - 2 * history.ORPHAN_AGE
@@ -273,12 +277,13 @@ async def test_the_sweep_removes_old_files_no_undelivered_row_names(tmp_path):
                 values.update(spool_path=relative, status=status)
                 s.add(QueueItem(**values))
         relay = types.SimpleNamespace(settings=types.SimpleNamespace(state_dir=state), sessions=sessions)
-        assert await history.sweep_spool(relay) == 3
+        assert await history.sweep_spool(relay) == (3 if database.is_postgres else 4)
     finally:
         await engine.dispose()
         await database.adrop()
     left = sorted(p.name for p in directory.iterdir())
     assert left == ["queued.eml", "queued.seg", "young.seg"]
+    assert (state / names["renamed.seg"]).exists() == database.is_postgres
 
 
 # -- over SMTP ----------------------------------------------------------------------------

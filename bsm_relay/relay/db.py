@@ -285,6 +285,14 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker:  # type: ignore[typ
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+def single_host(sessions: async_sessionmaker) -> bool:  # type: ignore[type-arg]
+    """Whether the database can only be this host's (SQLite): then every spool file under the
+    state directory is this relay's, whatever host name wrote it (a container's changes when it
+    is recreated).  On PostgreSQL a spool file belongs to the node whose host name it bears."""
+    bind = sessions.kw.get("bind")
+    return getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
+
+
 def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

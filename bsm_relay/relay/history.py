@@ -24,6 +24,7 @@ from sqlalchemy import CursorResult, Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import log, spool
+from .db import single_host
 from .models import MessageEvent, MessageLog, QueueItem
 
 SWEEP_INTERVAL = 600.0
@@ -75,7 +76,8 @@ async def sweep_spool(relay: Any, now: float | None = None) -> int:
     acceptance in progress holds its file for seconds, never an hour, and a segment is written
     to for seconds.  Returns the files removed."""
     state = Path(relay.settings.state_dir)
-    old = await asyncio.to_thread(spool.old_files, state, ORPHAN_AGE, time.time() if now is None else now)
+    old = await asyncio.to_thread(spool.old_files, state, ORPHAN_AGE, time.time() if now is None else now,
+                                  single_host(relay.sessions))
     if not old:
         return 0
     named: set[str] = set()

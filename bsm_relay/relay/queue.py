@@ -44,7 +44,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import log, spool
-from .db import Reads
+from .db import Reads, single_host
 from .models import MessageEvent, QueueItem, QueueRecipient
 from .segments import SegmentLog
 
@@ -219,6 +219,7 @@ class Enqueuer:
                  sync_engine: Engine | None = None, reads: Reads | None = None,
                  segments: SegmentLog | None = None) -> None:
         self._sessions = sessions
+        self.single_host = single_host(sessions)    # SQLite: every spool file is this node's
         self._reads = reads
         self._max_batch = max_batch
         self._write_lock = write_lock or _no_lock
@@ -629,7 +630,8 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
 def _due(limit: int | None) -> Select[Any]:
     q = _QUEUE.c
     now: Any = bindparam("b_now")
-    # A spooled item is this node's only if its file is here (another node's local queue).
+    # A spooled item is this node's only if its file is here (another node's local queue; on
+    # SQLite, with one node, the prefix is "%": every file is here).
     stmt = (select(q.id).where(q.status == "queued", q.next_attempt_at <= now,
                                or_(q.lease_until.is_(None), q.lease_until < now),
                                or_(q.spool_path.is_(None),
@@ -682,7 +684,9 @@ def _claim_statement(postgres: bool) -> Any:
 _CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
 
 
-def _due_params(now: float) -> dict[str, Any]:
+def _due_params(now: float, single_host: bool) -> dict[str, Any]:
+    if single_host:
+        return {"b_now": now, "b_prefix": "%"}
     prefix = spool.host_prefix()
     for char in "/%_":       # LIKE's wildcards (and the escape) taken literally: a prefix match
         prefix = prefix.replace(char, "/" + char)
@@ -693,7 +697,7 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
                 lease: float, now: float | None = None) -> list[Claimed]:
     work = Claim(owner, limit, lease, time.time() if now is None else now)
     if isinstance(db, Enqueuer):
-        if not await db.any_row(_ANY_DUE, _due_params(work.now)):
+        if not await db.any_row(_ANY_DUE, _due_params(work.now, db.single_host)):
             return []        # nothing due: no write transaction (delivery asks after every commit)
         return await db._submit(work)  # type: ignore[no-any-return]
     async with db.begin() as s:
@@ -702,8 +706,8 @@ async def claim(db: async_sessionmaker[AsyncSession] | Enqueuer, owner: str, lim
 
 def _claim_rows(conn: Connection, work: Claim) -> list[Claimed]:
     stmt = _CLAIM[conn.dialect.name == "postgresql"]
-    items = conn.execute(stmt, {**_due_params(work.now), "b_limit": work.limit, "b_owner": work.owner,
-                                "b_until": work.now + work.lease}).all()
+    items = conn.execute(stmt, {**_due_params(work.now, conn.dialect.name == "sqlite"), "b_limit": work.limit,
+                                "b_owner": work.owner, "b_until": work.now + work.lease}).all()
     if not items:
         return []
     rcpts = _pending_recipients(conn, [i.id for i in items])

@@ -91,21 +91,28 @@ def remove_file(state_dir: Path, relative: str | None) -> None:
             pass
 
 
-def old_files(state_dir: Path, older_than: float, now: float) -> list[str]:
-    """This host's spool files (and segments) last written more than ``older_than`` seconds before ``now``, as
-    relative paths (what a queue row names).  For the sweep of files no row names any more."""
+def old_files(state_dir: Path, older_than: float, now: float, every_host: bool = False) -> list[str]:
+    """This host's spool files and segments last written more than ``older_than`` seconds before
+    ``now``, as relative paths (what a queue row names), for the sweep of files no row names any
+    more.  ``every_host``: those of every host directory (SQLite: all of them are this relay's)."""
+    root = state_dir / SPOOL_DIR
     try:
-        entries = list(os.scandir(state_dir / SPOOL_DIR / _HOST))
+        hosts = [e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False)] if every_host else [_HOST]
     except FileNotFoundError:
         return []
     found = []
-    for entry in entries:
+    for host in hosts:
         try:
-            if entry.name.endswith((".eml", ".seg")) and entry.is_file(follow_symlinks=False) \
-                    and entry.stat(follow_symlinks=False).st_mtime < now - older_than:
-                found.append(f"{host_prefix()}{entry.name}")
-        except OSError:
+            entries = list(os.scandir(root / host))
+        except FileNotFoundError:
             continue
+        for entry in entries:
+            try:
+                if entry.name.endswith((".eml", ".seg")) and entry.is_file(follow_symlinks=False) \
+                        and entry.stat(follow_symlinks=False).st_mtime < now - older_than:
+                    found.append(f"{SPOOL_DIR}/{host}/{entry.name}")
+            except OSError:
+                continue
     return found
 
 
