@@ -12,8 +12,9 @@ small rows only.
 
 A segment is sealed after ``SEGMENT_BYTES`` or ``SEGMENT_AGE`` seconds, and removed once every
 message in it is done: at once when this process delivered them (the common case, handed off
-from memory), otherwise when the database says so (:meth:`SegmentLog.check`: another process
-delivered one, an acceptance failed after its bytes were written).  A segment left by a crash
+from memory), otherwise when the database says so (:meth:`SegmentLog.waiting` and
+:meth:`SegmentLog.settle`: another process delivered one, an acceptance failed after its bytes
+were written).  A segment left by a crash
 is read by the claim path like any spooled message and swept with the spool files
 (``history.sweep_spool``) once no undelivered row names it.  PostgreSQL keeps bodies in rows:
 its rows are any node's to deliver.
@@ -58,8 +59,9 @@ class _Segment:
 
 class SegmentLog:
     """One writer's segments.  :meth:`stage` runs in the writer's thread; :meth:`release`,
-    :meth:`seal_idle` and :meth:`check` on the event loop: a lock guards the bookkeeping, never
-    the file I/O (only :meth:`stage` writes, one group at a time)."""
+    :meth:`seal_idle`, :meth:`waiting` and :meth:`settle` on the event loop: a lock guards the
+    bookkeeping, never the file I/O (only :meth:`stage` writes, one group at a time).  A sealed
+    segment with nothing live goes at the next release, seal or answer from the database."""
 
     def __init__(self, state_dir: Path | str, minimum: int = SEGMENT_MIN, maximum: int | None = None,
                  roll_bytes: int = SEGMENT_BYTES, roll_age: float = SEGMENT_AGE,
