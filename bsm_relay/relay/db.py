@@ -171,7 +171,17 @@ def write_lock(url: str) -> Callable[[], AbstractAsyncContextManager[None]] | No
             yield
         finally:
             fcntl.flock(fd[0], fcntl.LOCK_UN)
+    @contextmanager
+    def locked_now() -> Iterator[None]:       # the same lock only if it is free: BlockingIOError if not
+        if not fd:
+            fd.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        fcntl.flock(fd[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd[0], fcntl.LOCK_UN)
     locked.sync = locked_here  # type: ignore[attr-defined]
+    locked.now = locked_now  # type: ignore[attr-defined]
     return locked
 
 

@@ -202,6 +202,7 @@ async def _process(relay: Relay, tx: Transaction) -> Outcome:
             # Delivered from memory once committed, if a worker is free (a small message only
             # when it is the only one being taken in: docs/decisions/0022).
             relay.hand_off(acc, relay.in_intake == 1)
+        acc.alone = relay.in_intake == 1
         try:
             await relay.enqueuer.commit(acc)
         except BaseException:

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -99,6 +101,7 @@ class Accepted:
     # Called once the group is settled: True when these rows are committed, False when not.
     settled: list[Callable[[bool], None]] = field(default_factory=list)
     leased: bool = False               # the items are inserted leased (see :func:`lease_at_insert`)
+    alone: bool = False                # the only message in intake: may be written on the event loop
 
 
 @dataclass(frozen=True)
@@ -375,7 +378,8 @@ class Enqueuer:
                 rows = [(e, f) for e, f in batch if _rowish(e)]
                 rest = [(e, f) for e, f in batch if not _rowish(e)]
                 if rows:
-                    await self._commit(rows, self._write_in_thread)
+                    lone = len(rows) == 1 and self._lone(rows[0][0])
+                    await self._commit(rows, self._write_here if lone else self._write_in_thread)
                 if rest:
                     await self._commit(rest, self._write)
             else:
@@ -408,6 +412,66 @@ class Enqueuer:
 
     async def _write_in_thread(self, entries: list[Entry]) -> list[Any]:
         return await asyncio.to_thread(self._write_sync, entries)
+
+    def _lone(self, entry: Entry) -> bool:
+        """A group of one small entry: a message alone in intake whose group needs no segment
+        write, or a delivery's outcome (docs/decisions/0027)."""
+        if isinstance(entry, Delivered):
+            return True
+        return (isinstance(entry, Accepted) and entry.alone
+                and (self.segments is None or not any(self.segments.wanted(v) for v in _queue_rows([entry]))))
+
+    async def _write_here(self, entries: list[Entry]) -> list[Any]:
+        """A lone message's group written on the event loop: a thread's round trip costs about as
+        much as its transaction, and nobody else waits on the loop meanwhile.  Only if nothing
+        would make it wait: the writer's connection and the workers' write lock free at once,
+        SQLite not busy (a tool writing to the database); otherwise in the thread as usual."""
+        try:
+            return self._write_now(entries)
+        except _WouldWait:
+            return await self._write_in_thread(entries)
+
+    def _write_now(self, entries: list[Entry]) -> list[Any]:
+        assert self._sync_engine is not None
+        now = getattr(self._write_lock, "now", None)
+        if not self._conn_lock.acquire(blocking=False):
+            raise _WouldWait
+        try:
+            try:
+                held = now() if now is not None else nullcontext()
+                held.__enter__()
+            except BlockingIOError:
+                raise _WouldWait from None
+            started = time.perf_counter()
+            try:
+                conn = self._conn
+                if conn is None or conn.invalidated or conn.closed:
+                    conn = self._conn = self._sync_engine.connect()
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                waits = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+                raw.execute("PRAGMA busy_timeout=0")       # busy: to the thread, never a wait here
+                try:
+                    with conn.begin():
+                        return _apply_rows(conn, entries)
+                finally:
+                    # Back as it was (the connection returns to the pool, for the thread's use).
+                    # One the failure closed says so here: that is not the error to report.
+                    with contextlib.suppress(sqlite3.Error):
+                        raw.execute(f"PRAGMA busy_timeout={int(waits)}")
+            except (OperationalError, sqlite3.OperationalError) as exc:    # rows go to the driver directly
+                self._drop_connection()
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise _WouldWait from None
+                raise
+            except BaseException:
+                self._drop_connection()
+                raise
+            finally:
+                held.__exit__(None, None, None)
+                self.stats.add(len(entries), started, started, time.perf_counter())
+        finally:
+            self._conn_lock.release()
 
     def _write_sync(self, entries: list[Entry]) -> list[Any]:
         assert self._sync_engine is not None
@@ -613,6 +677,10 @@ def _log_unrecorded(fut: asyncio.Future[Any]) -> None:
 def _fail(fut: asyncio.Future[Any], exc: Exception) -> None:
     if not fut.done():
         fut.set_exception(StorageError(str(exc)))
+
+
+class _WouldWait(Exception):
+    """A lone group cannot be written on the event loop without waiting: it goes to the thread."""
 
 
 class StorageError(RuntimeError):
