@@ -125,8 +125,9 @@ async def test_a_lone_message_waits_in_the_thread_while_sqlite_is_busy(writer):
         beat.cancel()
     finally:
         other.close()
-    # Tried on the loop (and rolled back), then written in the thread.
+    # Tried on the loop (and rolled back), then written in the thread: one group, counted once.
     assert len(threads) == 2 and threads[0] == threading.get_ident() != threads[1]
+    assert enqueuer.stats.groups == 1
     assert [i["id"] for i in await list_items(sessions)] == ["qbusy"]
     await enqueuer.commit(small("qafter", alone=True))     # the loop's connection works again
     assert threads[2] == threading.get_ident()

@@ -443,6 +443,7 @@ class Enqueuer:
             except BlockingIOError:
                 raise _WouldWait from None
             started = time.perf_counter()
+            counted = True
             try:
                 conn = self._conn
                 if conn is None or conn.invalidated or conn.closed:
@@ -462,6 +463,7 @@ class Enqueuer:
             except (OperationalError, sqlite3.OperationalError) as exc:    # rows go to the driver directly
                 self._drop_connection()
                 if "locked" in str(exc) or "busy" in str(exc):
+                    counted = False               # the thread writes (and counts) the group
                     raise _WouldWait from None
                 raise
             except BaseException:
@@ -469,7 +471,8 @@ class Enqueuer:
                 raise
             finally:
                 held.__exit__(None, None, None)
-                self.stats.add(len(entries), started, started, time.perf_counter())
+                if counted:
+                    self.stats.add(len(entries), started, started, time.perf_counter())
         finally:
             self._conn_lock.release()
 
