@@ -52,6 +52,23 @@ def small(qid: str, alone: bool) -> Accepted:
         alone=alone)
 
 
+async def held_up(enqueuer, qid: str) -> tuple[asyncio.Future, asyncio.Future]:  # type: ignore[no-untyped-def]
+    """A lone message committed while something holds the database: after 0.3 s it still waits,
+    and the event loop does not (a ticker every 10 ms kept running).  Its commit, and the ticker."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+    beat = asyncio.ensure_future(ticker())
+    pending = asyncio.ensure_future(enqueuer.commit(small(qid, alone=True)))
+    await asyncio.sleep(0.3)
+    assert not pending.done() and ticks >= 3
+    return pending, beat
+
+
 async def test_a_message_alone_and_its_outcome_are_written_on_the_event_loop(writer):
     enqueuer, sessions, _, threads = writer
     loop_thread = threading.get_ident()
@@ -82,17 +99,7 @@ async def test_a_lone_message_waits_in_the_thread_while_another_worker_holds_the
     fd = os.open(f"{database.sqlite_path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)                 # another serve process's group
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-        beat = asyncio.ensure_future(ticker())
-        pending = asyncio.ensure_future(enqueuer.commit(small("qheld", alone=True)))
-        await asyncio.sleep(0.3)
-        assert not pending.done() and ticks >= 3         # waiting, and the event loop is not
+        pending, beat = await held_up(enqueuer, "qheld")
         fcntl.flock(fd, fcntl.LOCK_UN)
         await pending
         beat.cancel()
@@ -109,17 +116,7 @@ async def test_a_lone_message_waits_in_the_thread_while_sqlite_is_busy(writer):
     other = sqlite3.connect(database.sqlite_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-        beat = asyncio.ensure_future(ticker())
-        pending = asyncio.ensure_future(enqueuer.commit(small("qbusy", alone=True)))
-        await asyncio.sleep(0.3)
-        assert not pending.done() and ticks >= 3
+        pending, beat = await held_up(enqueuer, "qbusy")
         other.execute("COMMIT")
         await pending
         beat.cancel()

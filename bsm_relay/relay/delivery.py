@@ -577,8 +577,9 @@ class Deliverer:
                 raise ValueError("queue item without pending recipients")
             body: bytes | Spooled
             if item.spool_span is not None:      # in a spool segment: under the spool threshold, read whole
-                assert item.spool_path is not None
-                body = self.sign(segments.read(self.settings.state_dir, item.spool_path, *item.spool_span))
+                assert item.spool_path is not None    # (in a thread: a file read never waits on the loop)
+                body = self.sign(await asyncio.to_thread(segments.read, self.settings.state_dir, item.spool_path,
+                                                         *item.spool_span))
             else:
                 body = await self._spooled(item) if item.spool_path else self.sign(item.body)
         except Exception as exc:

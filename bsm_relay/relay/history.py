@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from . import log, spool
 from .db import single_host
 from .models import MessageEvent, MessageLog, QueueItem
+from .queue import undelivered
 
 SWEEP_INTERVAL = 600.0
 BATCH = 2000
@@ -80,12 +81,7 @@ async def sweep_spool(relay: Any, now: float | None = None) -> int:
                                   single_host(relay.sessions))
     if not old:
         return 0
-    named: set[str] = set()
-    for start in range(0, len(old), 500):
-        async with relay.sessions() as s:
-            named.update(p for (p,) in await s.execute(
-                select(_QUEUE.c.spool_path).where(_QUEUE.c.spool_path.in_(old[start:start + 500]),
-                                                  _QUEUE.c.status != "done")))
+    named = await undelivered(relay.sessions, _QUEUE.c.spool_path, old)
     orphans = [relative for relative in old if relative not in named]
     for relative in orphans:
         await asyncio.to_thread(spool.remove_file, state, relative)

@@ -261,13 +261,7 @@ class Enqueuer:
             try:
                 self.segments.seal_idle()
                 for relative, ids in self.segments.waiting().items():
-                    live: set[str] = set()
-                    for start in range(0, len(ids), 500):
-                        async with self._sessions() as s:
-                            live.update(i for (i,) in await s.execute(
-                                select(_QUEUE.c.id).where(_QUEUE.c.id.in_(ids[start:start + 500]),
-                                                          _QUEUE.c.status != "done")))
-                    self.segments.settle(relative, live)
+                    self.segments.settle(relative, await undelivered(self._sessions, _QUEUE.c.id, ids))
             except Exception as exc:   # noqa: BLE001 - database or file trouble: tried again next time
                 log.get().error("store.error", stage="segments", error_type=type(exc).__name__,
                                 error=log.error_line(exc))
@@ -696,6 +690,16 @@ async def _transact(db: async_sessionmaker[AsyncSession] | Enqueuer, unit: Unit)
         return await db.run(unit)
     async with db.begin() as s:
         return await unit(s)
+
+
+async def undelivered(sessions: async_sessionmaker[AsyncSession], column: Any, values: Sequence[str]) -> set[str]:
+    """Which of ``values`` a queue item that is not done has in ``column`` (500 at a time)."""
+    found: set[str] = set()
+    for start in range(0, len(values), 500):
+        async with sessions() as s:
+            found.update(v for (v,) in await s.execute(
+                select(column).where(column.in_(values[start:start + 500]), _QUEUE.c.status != "done")))
+    return found
 
 
 def _due(limit: int | None) -> Select[Any]:
